@@ -1,0 +1,350 @@
+//! The command line: clap definitions and the small subcommands. User mistakes
+//! print one line naming the file, field and what was expected; exit codes are
+//! 0 success, 1 invalid input or a failed check, 2 usage errors.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{format_duration, AuditSink, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "Authenticating reverse proxy that holds the Confluence Cloud admin key"
+)]
+struct Cli {
+    /// Log format on standard error: `auto` is text on a terminal, JSON otherwise.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The configuration file.
+    #[arg(long, env = "KEYGATE_CONFIG", default_value = "config/keygate.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run everything on loopback: a Confluence stand-in, keygate in front of it, demo keys.
+    Dev,
+    /// Validate the config and keys file without starting; print a summary.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show how a request would be decided.
+    Explain {
+        /// The HTTP method, like GET.
+        method: String,
+        /// The request path, like /wiki/api/v2/pages/42 (a query is ignored for matching).
+        path: String,
+        /// Decide for this client's roles.
+        #[arg(long)]
+        client_id: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses arguments, runs the subcommand, returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Run { .. } | Command::Dev => "info",
+        _ => "warn",
+    };
+    init_tracing(cli.log_format, default_level);
+    match cli.command {
+        Command::Run { config } => run(&config.config),
+        Command::Dev => {
+            with_runtime(|| async { crate::dev::run().await.map_err(|e| e.to_string()) })
+        }
+        Command::Check { config, json } => check(&config.config, json),
+        Command::Explain {
+            method,
+            path,
+            client_id,
+            config,
+            json,
+        } => explain(&config.config, &method, &path, client_id.as_deref(), json),
+    }
+}
+
+fn init_tracing(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn with_runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keygate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    crate::config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(1)
+    })
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    with_runtime(|| async move {
+        let app = crate::App::bind(config).await.map_err(|e| e.to_string())?;
+        tracing::info!(listen = %app.local_addr(), ops = ?app.ops_addr(), "keygate listening");
+        app.run(crate::termination_signal()).await;
+        Ok(())
+    })
+}
+
+fn check(path: &Path, json: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let keys = match crate::client_keys::file::read(&config.clients.keys_file) {
+        Ok((_, keys)) => keys,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    let now = SystemTime::now();
+    let usable = keys
+        .iter()
+        .filter(|k| k.is_valid && k.expiration.is_none_or(|e| e > now))
+        .count();
+    if json {
+        let routes: Vec<_> = config
+            .routes
+            .routes()
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                    "path": r.pattern.as_str(),
+                    "roles": r.role_names,
+                    "admin_key": r.admin_key,
+                })
+            })
+            .collect();
+        let summary = serde_json::json!({
+            "valid": true,
+            "file": path.display().to_string(),
+            "listen": config.listen.address.to_string(),
+            "tls": config.listen.tls.is_some(),
+            "ops": config.ops.as_ref().map(|o| o.address.to_string()),
+            "upstream": config.confluence.base_url(),
+            "keys": keys.len(),
+            "usable_keys": usable,
+            "routes": routes,
+        });
+        println!("{summary}");
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", summary(path, &config, keys.len(), usable));
+    ExitCode::SUCCESS
+}
+
+fn summary(path: &Path, config: &Config, keys: usize, usable: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: valid", path.display());
+    let tls = if config.listen.tls.is_some() {
+        "TLS, h2 + http/1.1"
+    } else {
+        "plain HTTP, h2c + http/1.1"
+    };
+    let _ = writeln!(s, "  listen      {} ({tls})", config.listen.address);
+    match &config.ops {
+        Some(ops) => {
+            let api = if ops.admin_token.is_some() {
+                "key API on"
+            } else {
+                "key API off"
+            };
+            let _ = writeln!(s, "  ops         {} ({api})", ops.address);
+        }
+        None => {
+            let _ = writeln!(s, "  ops         off");
+        }
+    }
+    let c = &config.confluence;
+    let _ = writeln!(
+        s,
+        "  upstream    {} as {} (connect {}, request {})",
+        c.base_url(),
+        c.email,
+        format_duration(c.connect_timeout),
+        format_duration(c.request_timeout)
+    );
+    let a = &config.admin_key;
+    let idle = a
+        .idle_disable_after
+        .map_or("never".to_owned(), format_duration);
+    let _ = writeln!(
+        s,
+        "  admin key   {}m, refresh {} before expiry, idle disable {idle}, disable on shutdown {}",
+        a.duration_minutes,
+        format_duration(a.refresh_before),
+        a.disable_on_shutdown
+    );
+    let _ = writeln!(
+        s,
+        "  keys        {}: {keys} keys, {usable} usable",
+        config.clients.keys_file.display()
+    );
+    match &config.audit {
+        Some(audit) => {
+            let sink = match &audit.sink {
+                AuditSink::Stdout => "standard output".to_owned(),
+                AuditSink::File(p) => p.display().to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "  audit       {sink} (rotate {} bytes, keep {}, passthrough {})",
+                audit.rotate_size,
+                audit.keep,
+                if audit.record_passthrough {
+                    "recorded"
+                } else {
+                    "not recorded"
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(s, "  audit       off");
+        }
+    }
+    let _ = writeln!(s, "  routes (first admitting route wins; none => 403)");
+    for (i, r) in config.routes.routes().iter().enumerate() {
+        let methods: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "    {:>2}. {:<28} {:<12} {:<36} [{}]{}",
+            i + 1,
+            r.name,
+            methods.join(","),
+            r.pattern.as_str(),
+            r.role_names.join(", "),
+            if r.admin_key { "  BYPASS" } else { "" }
+        );
+    }
+    s
+}
+
+fn explain(
+    path: &Path,
+    method: &str,
+    target: &str,
+    client_id: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Ok(method) = method.parse::<http::Method>() else {
+        eprintln!("keygate explain: expected an HTTP method like GET, got `{method}`");
+        return ExitCode::from(2);
+    };
+    let key = match client_id {
+        None => None,
+        Some(id) => {
+            let keys = match crate::client_keys::file::read(&config.clients.keys_file) {
+                Ok((_, keys)) => keys,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(1);
+                }
+            };
+            match keys.into_iter().find(|k| k.client_id == id) {
+                Some(k) => Some(k),
+                None => {
+                    eprintln!(
+                        "{}: no key with client_id `{id}`",
+                        config.clients.keys_file.display()
+                    );
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
+    let explanation = crate::route::explain::explain(
+        &config.routes,
+        &method,
+        target,
+        key.as_ref(),
+        SystemTime::now(),
+    );
+    if json {
+        println!("{}", explanation.to_json());
+    } else {
+        print!("{explanation}");
+    }
+    ExitCode::SUCCESS
+}

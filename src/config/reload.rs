@@ -1,0 +1,62 @@
+//! Reload on SIGHUP and when the config or keys file changes: re-read and validate
+//! everything; if valid, the new generation applies to new requests atomically; if
+//! not, the old one stays in force and the error is logged.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use crate::server::Shutdown;
+use crate::Control;
+
+/// How often the files are looked at. Kubernetes updates mounted Secrets and
+/// ConfigMaps by swapping a symlink, which a poll of the target sees.
+const POLL: Duration = Duration::from_secs(2);
+
+type Fingerprint = Vec<Option<(SystemTime, u64)>>;
+
+fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+/// Watches for SIGHUP and file changes until shutdown.
+pub async fn watch(control: Control, mut shutdown: Shutdown) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file changes only");
+            None
+        }
+    };
+    let mut files = control.watched_files();
+    let mut seen = fingerprint(&files);
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            _ = shutdown.wait() => return,
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
+            _ = tick.tick() => {
+                let now = fingerprint(&files);
+                if now == seen {
+                    continue;
+                }
+                "file change"
+            }
+        };
+        let _ = control.reload(trigger);
+        files = control.watched_files();
+        seen = fingerprint(&files);
+    }
+}

@@ -1,0 +1,134 @@
+//! The upstream side: one pooled keep-alive client over rustls (HTTP/2 when the
+//! site offers it by ALPN), used both for forwarding and for admin-key calls.
+//!
+//! Invariant: every request to Confluence leaves through `Upstream::send`, which
+//! bounds the wait for the response head by the request timeout and maps failures
+//! to "unreachable" or "timed out" without exposing their text to clients.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::Body;
+use crate::config::Confluence;
+use crate::tls::TlsError;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("Confluence unreachable: {0}")]
+    Unreachable(String),
+    #[error("Confluence timed out")]
+    Timeout,
+}
+
+/// The site and the pooled client that reaches it.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<Connector, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+}
+
+impl Upstream {
+    pub fn new(site: &Confluence) -> Result<Self, TlsError> {
+        let tls = crate::tls::client_config(site.ca_file.as_deref())?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(site.connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let host = HeaderValue::from_str(site.authority.as_str())
+            .map_err(|e| TlsError::Config(format!("invalid host: {e}")))?;
+        Ok(Upstream {
+            client,
+            scheme: site.scheme.clone(),
+            authority: site.authority.clone(),
+            host,
+        })
+    }
+
+    /// The value of `Host` for upstream requests.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    /// The absolute URI for a canonical path and the client's raw query.
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let pq = match query {
+            Some(q) => PathAndQuery::try_from(format!("{path}?{q}"))?,
+            None => PathAndQuery::try_from(path)?,
+        };
+        Ok(Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()?)
+    }
+
+    /// Sends a request; `timeout` bounds the wait for the response head.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => Err(UpstreamError::Timeout),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if is_timeout(&e) => Err(UpstreamError::Timeout),
+            Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
+        }
+    }
+}
+
+/// `Authorization: Basic base64(email:api_token)`, marked sensitive so that no
+/// header dump shows it.
+pub fn admin_authorization(email: &str, api_token: &str) -> HeaderValue {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{email}:{api_token}"));
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+    value.set_sensitive(true);
+    value
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}

@@ -1,0 +1,122 @@
+//! The only place errors become HTTP responses. Handlers return a `ProxyError`;
+//! clients get a status, a short fixed JSON body and never internal error text.
+
+use std::time::Duration;
+
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+
+use crate::body::{full, Body};
+use crate::headers::X_REQUEST_ID;
+use crate::route::PathError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("refused path: {0}")]
+    BadPath(PathError),
+    #[error("more than one Authorization header")]
+    DuplicateAuthorization,
+    #[error("authentication required")]
+    Unauthorized,
+    #[error("no route admits this request")]
+    Forbidden,
+    #[error("Confluence could not be reached")]
+    UpstreamUnreachable,
+    #[error("Confluence did not answer in time")]
+    UpstreamTimeout,
+    #[error("no admin key available")]
+    AdminKeyUnavailable { retry_after: Duration },
+    #[error("audit trail unavailable")]
+    AuditUnavailable,
+    #[error("not found")]
+    NotFound,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadPath(_) | ProxyError::DuplicateAuthorization => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::AdminKeyUnavailable { .. } | ProxyError::AuditUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The stable machine-readable code in the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadPath(_) => "invalid_path",
+            ProxyError::DuplicateAuthorization => "duplicate_authorization",
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::NotFound => "not_found",
+            ProxyError::UpstreamUnreachable => "upstream_unreachable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::AdminKeyUnavailable { .. } => "admin_key_unavailable",
+            ProxyError::AuditUnavailable => "audit_unavailable",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ProxyError::BadPath(e) => format!("{e}; the request was not forwarded"),
+            ProxyError::DuplicateAuthorization => {
+                "send exactly one Authorization header".to_owned()
+            }
+            ProxyError::Unauthorized => {
+                "authenticate with an API access key: Basic client_id:client_secret or Bearer client_secret"
+                    .to_owned()
+            }
+            ProxyError::Forbidden => "no route allows this request for this key".to_owned(),
+            ProxyError::NotFound => "no such resource".to_owned(),
+            ProxyError::UpstreamUnreachable => "Confluence could not be reached".to_owned(),
+            ProxyError::UpstreamTimeout => "Confluence did not answer in time".to_owned(),
+            ProxyError::AdminKeyUnavailable { .. } => {
+                "the Confluence admin key is not available right now; retry later".to_owned()
+            }
+            ProxyError::AuditUnavailable => {
+                "the audit trail cannot be written, so bypass requests are refused".to_owned()
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::AdminKeyUnavailable { retry_after } => Some(*retry_after),
+            ProxyError::AuditUnavailable => Some(Duration::from_secs(5)),
+            _ => None,
+        }
+    }
+
+    /// The response a client gets, carrying the request id.
+    pub fn to_response(&self, request_id: &HeaderValue) -> Response<Body> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.message(),
+            "request_id": request_id.to_str().unwrap_or(""),
+        });
+        let mut response = Response::new(full(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        if *self == ProxyError::Unauthorized {
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"keygate\""),
+            );
+        }
+        if let Some(after) = self.retry_after() {
+            // Round up: a client retrying early would only be refused again.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}

@@ -1,0 +1,283 @@
+//! keygate: an authenticating reverse proxy in front of Confluence Cloud that holds
+//! the admin's credentials and admin key so that internal tools never do.
+//!
+//! `App::bind` takes a validated `Config`, binds the listeners and returns their
+//! addresses; `App::run` serves until a shutdown future completes. Tests and
+//! `keygate dev` drive exactly this.
+
+pub mod body;
+pub mod cli;
+pub mod client_keys;
+pub mod config;
+pub mod confluence;
+pub mod dev;
+pub mod error;
+pub mod headers;
+pub mod ops;
+pub mod proxy;
+pub mod rfc3339;
+pub mod route;
+pub mod server;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::client_keys::KeyStore;
+use crate::config::{Config, ConfigErrors};
+use crate::confluence::Upstream;
+use crate::ops::{OpsService, Readiness};
+use crate::proxy::{Gateway, Proxy};
+use crate::server::ServeOptions;
+
+/// Why keygate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {address} ({field}): {source}")]
+    Bind {
+        field: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Gateway {
+    /// Builds a generation from a validated config, reading its keys file.
+    pub fn build(config: Config, argon2_runs: Arc<AtomicU64>) -> Result<Gateway, ConfigErrors> {
+        let (_, keys) = client_keys::file::read(&config.clients.keys_file)?;
+        let keys = KeyStore::new(keys, config.clients.verify_cache_ttl, argon2_runs);
+        let admin_authorization = confluence::admin_authorization(
+            &config.confluence.email,
+            config.confluence.api_token.expose(),
+        );
+        Ok(Gateway {
+            config,
+            keys,
+            admin_authorization,
+        })
+    }
+}
+
+/// A handle on a running (or about to run) keygate: reload, inspect.
+#[derive(Clone)]
+pub struct Control {
+    proxy: Arc<Proxy>,
+    argon2_runs: Arc<AtomicU64>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Control {
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.proxy.gateway.load_full()
+    }
+
+    /// How many argon2 verifications have run since start.
+    pub fn argon2_runs(&self) -> u64 {
+        self.argon2_runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The files whose changes trigger a reload.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let gateway = self.gateway();
+        vec![
+            gateway.config.file.clone(),
+            gateway.config.clients.keys_file.clone(),
+        ]
+    }
+
+    /// Re-reads config and keys; applies them only if all is valid.
+    pub fn reload(&self, trigger: &str) -> Result<(), ConfigErrors> {
+        let old = self.gateway();
+        let result = config::load(&old.config.file)
+            .and_then(|config| Gateway::build(config, Arc::clone(&self.argon2_runs)));
+        match result {
+            Ok(new) => {
+                for field in restart_only_changes(&old.config, &new.config) {
+                    tracing::warn!(
+                        field,
+                        "changed in the config file; takes effect after a restart"
+                    );
+                }
+                tracing::info!(
+                    trigger,
+                    routes = new.config.routes.routes().len(),
+                    keys = new.keys.len(),
+                    "configuration reloaded"
+                );
+                self.proxy.gateway.store(Arc::new(new));
+                Ok(())
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(trigger, error = %e, "reload refused; the previous configuration stays in force");
+                }
+                Err(errors)
+            }
+        }
+    }
+}
+
+/// Settings that belong to listeners and connections made at start.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listen.address != new.listen.address || old.listen.tls != new.listen.tls {
+        changed.push("listen");
+    }
+    if old.ops.as_ref().map(|o| o.address) != new.ops.as_ref().map(|o| o.address) {
+        changed.push("ops.address");
+    }
+    let (a, b) = (&old.confluence, &new.confluence);
+    if a.scheme != b.scheme
+        || a.authority != b.authority
+        || a.ca_file != b.ca_file
+        || a.connect_timeout != b.connect_timeout
+    {
+        changed.push("confluence.base_url/ca_file/connect_timeout");
+    }
+    if old.audit.as_ref().map(|a| &a.sink) != new.audit.as_ref().map(|a| &a.sink) {
+        changed.push("audit.path");
+    }
+    changed
+}
+
+/// keygate with its listeners bound, not yet serving.
+pub struct App {
+    control: Control,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ops_listener: Option<TcpListener>,
+    options: ServeOptions,
+}
+
+async fn bind(field: &'static str, address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            field,
+            address,
+            source,
+        })
+}
+
+impl App {
+    pub async fn bind(config: Config) -> Result<App, StartError> {
+        let argon2_runs = Arc::new(AtomicU64::new(0));
+        let upstream = Upstream::new(&config.confluence)?;
+        let tls = match &config.listen.tls {
+            Some(files) => Some(TlsAcceptor::from(tls::server_config(
+                &files.cert,
+                &files.key,
+            )?)),
+            None => None,
+        };
+        let listener = bind("listen.address", config.listen.address).await?;
+        let ops_listener = match &config.ops {
+            Some(ops) => Some(bind("ops.address", ops.address).await?),
+            None => None,
+        };
+        let options = ServeOptions {
+            max_connections: config.limits.max_connections as usize,
+            header_read_timeout: config.limits.header_read_timeout,
+            max_header_bytes: usize::try_from(config.limits.max_header_bytes).unwrap_or(usize::MAX),
+            drain_timeout: Duration::from_secs(30),
+        };
+        let gateway = Gateway::build(config, Arc::clone(&argon2_runs))?;
+        let proxy = Arc::new(Proxy::new(gateway, upstream));
+        Ok(App {
+            control: Control {
+                proxy,
+                argon2_runs,
+                readiness: Arc::new(Readiness::default()),
+            },
+            listener,
+            tls,
+            ops_listener,
+            options,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight requests.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let (trigger, stop) = server::shutdown_pair();
+        let mut tasks = tokio::task::JoinSet::new();
+        let proxy = ProxyHandler(Arc::clone(&self.control.proxy));
+        tasks.spawn(server::serve(
+            self.listener,
+            self.tls,
+            Arc::new(proxy),
+            self.options.clone(),
+            stop.clone(),
+        ));
+        if let Some(listener) = self.ops_listener {
+            let ops = OpsService {
+                readiness: Arc::clone(&self.control.readiness),
+            };
+            tasks.spawn(server::serve(
+                listener,
+                None,
+                Arc::new(ops),
+                self.options,
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(config::reload::watch(self.control.clone(), stop.clone()));
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        trigger.trigger();
+        while tasks.join_next().await.is_some() {}
+        tracing::info!("stopped");
+    }
+}
+
+struct ProxyHandler(Arc<Proxy>);
+
+impl server::Handler for ProxyHandler {
+    async fn call(
+        &self,
+        request: http::Request<hyper::body::Incoming>,
+        conn: proxy::ConnInfo,
+    ) -> http::Response<body::Body> {
+        self.0.handle(request, conn).await
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

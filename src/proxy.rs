@@ -1,0 +1,195 @@
+//! The request pipeline, top to bottom. Every request goes through these steps in
+//! this order, and each refusal happens before anything reaches Confluence:
+//!
+//! 1. request id: the client's if well-formed, else a new UUIDv7;
+//! 2. target: origin form only, canonical path (400) — the path matched is the
+//!    path forwarded;
+//! 3. exactly one credential (400), then authentication (401);
+//! 4. the first route admitting method, path and roles decides (403);
+//! 5. bypass routes only: an active admin key behind the request;
+//! 6. forward with the admin credential, streaming both ways;
+//! 7. clean the response and stream it back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderValue, AUTHORIZATION};
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+
+use crate::body::{self, Body};
+use crate::client_keys::{KeyStore, Principal};
+use crate::config::Config;
+use crate::confluence::{Upstream, UpstreamError};
+use crate::error::ProxyError;
+use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
+use crate::route::{CanonicalPath, PathError};
+
+/// Everything one configuration generation decides with; replaced whole on reload.
+pub struct Gateway {
+    pub config: Config,
+    pub keys: KeyStore,
+    pub admin_authorization: HeaderValue,
+}
+
+/// The connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+}
+
+/// What happened to one request, for the access log (and the audit trail).
+#[derive(Debug, Default)]
+pub struct Exchange {
+    pub client_id: Option<String>,
+    pub key_name: Option<String>,
+    pub route: Option<String>,
+    pub admin_key: bool,
+    pub upstream_status: Option<u16>,
+    pub auth_failure: Option<&'static str>,
+}
+
+pub struct Proxy {
+    pub gateway: ArcSwap<Gateway>,
+    pub upstream: Upstream,
+}
+
+impl Proxy {
+    pub fn new(gateway: Gateway, upstream: Upstream) -> Self {
+        Proxy {
+            gateway: ArcSwap::from_pointee(gateway),
+            upstream,
+        }
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let started = Instant::now();
+        let request_id =
+            headers::client_request_id(request.headers()).unwrap_or_else(headers::new_request_id);
+        let method = request.method().clone();
+        let raw_path = request.uri().path().to_owned();
+        let gateway = self.gateway.load_full();
+        let mut exchange = Exchange::default();
+        let response = match self
+            .process(request, conn, &gateway, &request_id, &mut exchange)
+            .await
+        {
+            Ok(response) => response,
+            Err(e) => e.to_response(&request_id),
+        };
+        tracing::info!(
+            target: "keygate::access",
+            request_id = request_id.to_str().unwrap_or(""),
+            peer = %conn.peer,
+            method = %method,
+            path = %raw_path,
+            status = response.status().as_u16(),
+            upstream_status = exchange.upstream_status,
+            client_id = exchange.client_id.as_deref(),
+            route = exchange.route.as_deref(),
+            admin_key = exchange.admin_key,
+            auth_failure = exchange.auth_failure,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
+    }
+
+    async fn process(
+        &self,
+        request: Request<Incoming>,
+        conn: ConnInfo,
+        gateway: &Gateway,
+        request_id: &HeaderValue,
+        exchange: &mut Exchange,
+    ) -> Result<Response<Body>, ProxyError> {
+        // 2. One spelling of the path, or no forwarding at all.
+        let path = canonical_target(&request).map_err(ProxyError::BadPath)?;
+
+        // 3. Two credentials would leave it open which one a server reads.
+        if headers::authorization_count(request.headers()) > 1 {
+            return Err(ProxyError::DuplicateAuthorization);
+        }
+        let principal: Principal = gateway
+            .keys
+            .authenticate(request.headers().get(AUTHORIZATION), SystemTime::now())
+            .await
+            .map_err(|failure| {
+                exchange.client_id = failure.client_id;
+                exchange.auth_failure = Some(failure.error.reason());
+                ProxyError::Unauthorized
+            })?;
+        exchange.client_id = Some(principal.client_id.clone());
+        exchange.key_name = Some(principal.key_name.clone());
+
+        // 4. The allow-list: first admitting route, else denied.
+        let route = gateway
+            .config
+            .routes
+            .decide(request.method(), &path, &principal.roles)
+            .ok_or(ProxyError::Forbidden)?;
+        exchange.route = Some(route.name.clone());
+        exchange.admin_key = route.admin_key;
+
+        // 6. Forward: the client's credentials and any smuggled bypass go; ours come.
+        let (mut parts, incoming) = request.into_parts();
+        headers::strip_request(&mut parts.headers);
+        headers::add_upstream(
+            &mut parts.headers,
+            &UpstreamHeaders {
+                authorization: &gateway.admin_authorization,
+                host: self.upstream.host(),
+                bypass: route.admin_key,
+                request_id,
+                peer: conn.peer,
+                proto: conn.proto,
+            },
+        );
+        parts.uri = self
+            .upstream
+            .uri(path.as_str(), parts.uri.query())
+            .map_err(|_| ProxyError::BadPath(PathError::InvalidCharacter))?;
+        parts.version = Version::HTTP_11;
+        let upstream_request = Request::from_parts(parts, body::boxed(incoming));
+        let timeout = gateway.config.confluence.request_timeout;
+        let response = self
+            .upstream
+            .send(upstream_request, timeout)
+            .await
+            .map_err(|e| {
+                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %e, "upstream request failed");
+                match e {
+                    UpstreamError::Timeout => ProxyError::UpstreamTimeout,
+                    UpstreamError::Unreachable(_) => ProxyError::UpstreamUnreachable,
+                }
+            })?;
+        exchange.upstream_status = Some(response.status().as_u16());
+
+        // 7. The admin's session cookies never reach a client.
+        let (mut parts, incoming) = response.into_parts();
+        headers::strip_response(&mut parts.headers);
+        parts
+            .headers
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        Ok(Response::from_parts(parts, body::boxed(incoming)))
+    }
+}
+
+/// The canonical path of an origin-form target. HTTP/2 always carries scheme and
+/// authority as pseudo-headers, so only HTTP/1 requests can be in absolute form.
+fn canonical_target<B>(request: &Request<B>) -> Result<CanonicalPath, PathError> {
+    let uri = request.uri();
+    let absolute = request.version() < Version::HTTP_2
+        && (uri.scheme().is_some() || uri.authority().is_some());
+    if absolute || request.method() == Method::CONNECT {
+        return Err(PathError::NotOriginForm);
+    }
+    CanonicalPath::parse(uri.path())
+}
+
+/// A `Proxy` behind an `Arc`, as the server holds it.
+pub type SharedProxy = Arc<Proxy>;

@@ -1,0 +1,197 @@
+//! RFC 3339 timestamps in UTC, as the keys file, the audit trail and Confluence's
+//! admin-key API write them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `2026-11-23T10:00:00.123Z`: UTC with milliseconds.
+pub fn format_millis(t: SystemTime) -> String {
+    let (secs, millis) = split(t);
+    let (date, time) = civil(secs);
+    format!("{date}T{time}.{millis:03}Z")
+}
+
+/// `2026-11-23T10:00:00Z`: UTC, whole seconds.
+pub fn format_seconds(t: SystemTime) -> String {
+    let (secs, _) = split(t);
+    let (date, time) = civil(secs);
+    format!("{date}T{time}Z")
+}
+
+fn split(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_millis(),
+        ),
+        Err(_) => (0, 0),
+    }
+}
+
+fn civil(secs: i64) -> (String, String) {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        format!("{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60),
+    )
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`; `t` or a space may separate.
+pub fn parse(text: &str) -> Result<SystemTime, String> {
+    let err = || format!("expected an RFC 3339 time like `2027-06-30T00:00:00Z`, got `{text}`");
+    let b = text.trim().as_bytes();
+    if b.len() < 20 {
+        return Err(err());
+    }
+    let num = |range: std::ops::Range<usize>| -> Result<i64, String> {
+        let s = std::str::from_utf8(&b[range]).map_err(|_| err())?;
+        if !s.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(err());
+        }
+        s.parse::<i64>().map_err(|_| err())
+    };
+    let seps_ok = b[4] == b'-'
+        && b[7] == b'-'
+        && matches!(b[10], b'T' | b't' | b' ')
+        && b[13] == b':'
+        && b[16] == b':';
+    if !seps_ok {
+        return Err(err());
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return Err(err());
+    }
+    let mut i = 19;
+    let mut nanos: u32 = 0;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if i - start < 9 {
+                nanos = nanos * 10 + u32::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        if i == start {
+            return Err(err());
+        }
+        for _ in (i - start).min(9)..9 {
+            nanos *= 10;
+        }
+    }
+    let offset_secs = match &b[i..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let digits = [*h1, *h2, *m1, *m2];
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return Err(err());
+            }
+            let h = i64::from((h1 - b'0') * 10 + (h2 - b'0'));
+            let m = i64::from((m1 - b'0') * 10 + (m2 - b'0'));
+            let total = h * 3600 + m * 60;
+            if *sign == b'+' {
+                total
+            } else {
+                -total
+            }
+        }
+        _ => return Err(err()),
+    };
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
+        - offset_secs;
+    let secs = u64::try_from(secs).map_err(|_| err())?;
+    Ok(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+fn is_leap(y: i64) -> bool {
+    y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if is_leap(y) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parse_table() {
+        let cases: &[(&str, Option<u64>)] = &[
+            ("1970-01-01T00:00:00Z", Some(0)),
+            ("2000-02-29T12:00:00Z", Some(951_825_600)),
+            ("2027-06-30T00:00:00Z", Some(1_814_400_000)),
+            ("2027-06-30T02:00:00+02:00", Some(1_814_400_000)),
+            ("2027-06-29T22:00:00-02:00", Some(1_814_400_000)),
+            ("2027-06-30T00:00:00.999Z", Some(1_814_400_000)),
+            ("2027-06-30t00:00:00z", Some(1_814_400_000)),
+            ("2027-06-30", None),
+            ("2027-13-01T00:00:00Z", None),
+            ("2027-02-29T00:00:00Z", None),
+            ("2027-06-30T00:00:00", None),
+            ("2027-06-30T00:00:00+0200", None),
+            ("2027-06-30T00:00:00.Z", None),
+            ("not a time at all!!!", None),
+        ];
+        for (text, secs) in cases {
+            let got = parse(text)
+                .ok()
+                .map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs());
+            assert_eq!(got, *secs, "{text}");
+        }
+    }
+
+    #[test]
+    fn formats() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_814_400_000_123);
+        assert_eq!(format_millis(t), "2027-06-30T00:00:00.123Z");
+        assert_eq!(format_seconds(t), "2027-06-30T00:00:00Z");
+    }
+
+    proptest! {
+        #[test]
+        fn format_then_parse_round_trips(ms in 0u64..8_000_000_000_000) {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            prop_assert_eq!(parse(&format_millis(t)).unwrap(), t);
+        }
+    }
+}
