@@ -77,11 +77,11 @@ impl Upstream {
             Some(q) => PathAndQuery::try_from(format!("{path}?{q}"))?,
             None => PathAndQuery::try_from(path)?,
         };
-        Ok(Uri::builder()
+        Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(pq)
-            .build()?)
+            .build()
     }
 
     /// Sends a request; `timeout` bounds the wait for the response head.

@@ -176,9 +176,11 @@ mod tests {
         n
     }
 
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+
     #[test]
     fn request_stripping_table() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        let cases: &[(Pairs, &[&str])] = &[
             (
                 &[("Authorization", "Basic x"), ("Accept", "*/*")],
                 &["accept"],
@@ -282,7 +284,7 @@ mod tests {
 
     #[test]
     fn client_request_ids() {
-        let cases: &[(&[(&str, &str)], bool)] = &[
+        let cases: &[(Pairs, bool)] = &[
             (&[("X-Request-Id", "abc-123._:Z")], true),
             (&[("X-Request-Id", "has space")], false),
             (&[("X-Request-Id", "")], false),

@@ -55,6 +55,9 @@ pub enum StartError {
 impl Gateway {
     /// Builds a generation from a validated config, reading its keys file.
     pub fn build(config: Config, argon2_runs: Arc<AtomicU64>) -> Result<Gateway, ConfigErrors> {
+        // Taken before the keys file is read: a change racing the read is seen next poll.
+        let loaded_files =
+            config::reload::fingerprint(&[config.file.clone(), config.clients.keys_file.clone()]);
         let (_, keys) = client_keys::file::read(&config.clients.keys_file)?;
         let keys = KeyStore::new(keys, config.clients.verify_cache_ttl, argon2_runs);
         let admin_authorization = confluence::admin_authorization(
@@ -65,7 +68,16 @@ impl Gateway {
             config,
             keys,
             admin_authorization,
+            loaded_files,
         })
+    }
+
+    /// The files whose changes trigger a reload.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        vec![
+            self.config.file.clone(),
+            self.config.clients.keys_file.clone(),
+        ]
     }
 }
 
@@ -85,15 +97,6 @@ impl Control {
     /// How many argon2 verifications have run since start.
     pub fn argon2_runs(&self) -> u64 {
         self.argon2_runs.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The files whose changes trigger a reload.
-    pub fn watched_files(&self) -> Vec<PathBuf> {
-        let gateway = self.gateway();
-        vec![
-            gateway.config.file.clone(),
-            gateway.config.clients.keys_file.clone(),
-        ]
     }
 
     /// Re-reads config and keys; applies them only if all is valid.

@@ -32,6 +32,8 @@ pub struct Gateway {
     pub config: Config,
     pub keys: KeyStore,
     pub admin_authorization: HeaderValue,
+    /// The config and keys files as they were when this generation was read.
+    pub loaded_files: crate::config::reload::Fingerprint,
 }
 
 /// The connection a request arrived on.

@@ -12,9 +12,10 @@ use crate::Control;
 /// ConfigMaps by swapping a symlink, which a poll of the target sees.
 const POLL: Duration = Duration::from_secs(2);
 
-type Fingerprint = Vec<Option<(SystemTime, u64)>>;
+/// Modification time and length of each watched file, as last loaded.
+pub type Fingerprint = Vec<Option<(SystemTime, u64)>>;
 
-fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+pub fn fingerprint(files: &[PathBuf]) -> Fingerprint {
     files
         .iter()
         .map(|f| {
@@ -34,8 +35,8 @@ pub async fn watch(control: Control, mut shutdown: Shutdown) {
             None
         }
     };
-    let mut files = control.watched_files();
-    let mut seen = fingerprint(&files);
+    // A change that failed to load is not retried until the files change again.
+    let mut refused: Option<Fingerprint> = None;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -48,15 +49,17 @@ pub async fn watch(control: Control, mut shutdown: Shutdown) {
                 }
             } => "SIGHUP",
             _ = tick.tick() => {
-                let now = fingerprint(&files);
-                if now == seen {
+                let gateway = control.gateway();
+                let now = fingerprint(&gateway.watched_files());
+                if now == gateway.loaded_files || refused.as_ref() == Some(&now) {
                     continue;
                 }
+                refused = Some(now);
                 "file change"
             }
         };
-        let _ = control.reload(trigger);
-        files = control.watched_files();
-        seen = fingerprint(&files);
+        if control.reload(trigger).is_ok() {
+            refused = None;
+        }
     }
 }

@@ -228,6 +228,7 @@ fn page_json(page: &Page) -> serde_json::Value {
 pub struct Standin {
     pub addr: SocketAddr,
     pub state: Arc<StandinState>,
+    scheme: &'static str,
 }
 
 impl Standin {
@@ -237,31 +238,65 @@ impl Standin {
     }
 
     pub async fn start_with(state: Arc<StandinState>) -> std::io::Result<Standin> {
+        Self::serve(state, None).await
+    }
+
+    /// Serves over TLS (h2 and http/1.1 by ALPN) with the given acceptor.
+    pub async fn start_tls(
+        state: Arc<StandinState>,
+        tls: tokio_rustls::TlsAcceptor,
+    ) -> std::io::Result<Standin> {
+        Self::serve(state, Some(tls)).await
+    }
+
+    async fn serve(
+        state: Arc<StandinState>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Standin> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let served = Arc::clone(&state);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let state = Arc::clone(&served);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let state = Arc::clone(&state);
                         async move { Ok::<_, Infallible>(handle(&state, request).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        Ok(Standin { addr, state })
+        Ok(Standin {
+            addr,
+            state,
+            scheme,
+        })
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 }
 
@@ -374,6 +409,19 @@ async fn route(state: &StandinState, request: Request<Incoming>) -> Response<Bod
             );
             r
         }
+        (Method::GET, ["wiki", "slow"]) => {
+            let ms = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("ms="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            json(StatusCode::OK, r#"{"slow":true}"#.into())
+        }
+        (_, ["wiki", "version"]) => json(
+            StatusCode::OK,
+            serde_json::json!({"version": format!("{:?}", request.version())}).to_string(),
+        ),
         (Method::GET, ["wiki", "redirect"]) => {
             let mut r = json(StatusCode::FOUND, "{}".into());
             r.headers_mut().insert(

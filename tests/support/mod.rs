@@ -1,0 +1,169 @@
+//! The in-process harness: the Confluence stand-in and keygate, both on
+//! 127.0.0.1:0, plus clients that speak real HTTP to them.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use keygate::dev::confluence_standin::{Recorded, Standin, StandinState};
+use keygate::dev::DemoKey;
+use keygate::{App, Control};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ADMIN_EMAIL: &str = "admin@standin.example";
+pub const ADMIN_TOKEN: &str = "standin-admin-api-token";
+
+pub struct Harness {
+    pub standin: Standin,
+    pub addr: SocketAddr,
+    pub ops_addr: Option<SocketAddr>,
+    pub control: Control,
+    pub dir: PathBuf,
+    pub scanner: DemoKey,
+    pub reader: DemoKey,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// What a test can change about the setup.
+pub struct Setup {
+    pub routes: String,
+    /// Extra top-level YAML appended to the config (sections other than the defaults).
+    pub extra: String,
+    /// Replaces the `confluence:` section's base_url.
+    pub base_url: Option<String>,
+    pub confluence_extra: String,
+    pub listen_tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            routes: keygate::dev::DEV_ROUTES.to_owned(),
+            extra: String::new(),
+            base_url: None,
+            confluence_extra: String::new(),
+            listen_tls: None,
+        }
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("keygate-test-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(Setup::default()).await
+    }
+
+    pub async fn start_with(setup: Setup) -> Harness {
+        let state = Arc::new(StandinState::new(ADMIN_EMAIL, ADMIN_TOKEN));
+        let standin = Standin::start_with(state).await.unwrap();
+        Self::start_in_front_of(standin, setup).await
+    }
+
+    pub async fn start_in_front_of(standin: Standin, setup: Setup) -> Harness {
+        let dir = temp_dir("harness");
+        let mut keys = keygate::dev::write_demo_keys(&dir.join("keys.yaml")).unwrap();
+        let reader = keys.pop().unwrap();
+        let scanner = keys.pop().unwrap();
+        let tls = match &setup.listen_tls {
+            Some((cert, key)) => format!(
+                "  tls:\n    cert: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
+        let base_url = setup.base_url.clone().unwrap_or_else(|| standin.base_url());
+        let config = format!(
+            "listen:\n  address: 127.0.0.1:0\n{tls}ops:\n  address: 127.0.0.1:0\nconfluence:\n  base_url: {base_url}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\n{}clients:\n  keys_file: keys.yaml\n{}audit:\n  path: audit.jsonl\n{}",
+            setup.confluence_extra, setup.routes, setup.extra
+        );
+        let file = dir.join("keygate.yaml");
+        std::fs::write(&file, config).unwrap();
+        let config = keygate::config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let app = App::bind(config).await.unwrap();
+        let addr = app.local_addr();
+        let ops_addr = app.ops_addr();
+        let control = app.control();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async move {
+            let _ = stopped.await;
+        }));
+        Harness {
+            standin,
+            addr,
+            ops_addr,
+            control,
+            dir,
+            scanner,
+            reader,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.standin.state.requests()
+    }
+
+    /// Requests the stand-in received on paths other than the admin-key API.
+    pub fn forwarded(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path() != "/wiki/api/v2/admin-key")
+            .collect()
+    }
+
+    /// Stops keygate and waits for it, so a panic in it fails the test.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+pub fn basic(id: &str, secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
+}
+
+impl DemoKeyExt for DemoKey {
+    fn basic(&self) -> String {
+        basic(&self.client_id, &self.secret)
+    }
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.secret)
+    }
+}
+
+pub trait DemoKeyExt {
+    fn basic(&self) -> String;
+    fn bearer(&self) -> String;
+}
+
+pub fn admin_basic() -> String {
+    basic(ADMIN_EMAIL, ADMIN_TOKEN)
+}

@@ -1,0 +1,143 @@
+//! TLS on both sides: the listener offers h2 and http/1.1 by ALPN; the upstream
+//! client trusts an extra CA bundle and speaks HTTP/2 when the site offers it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keygate::dev::confluence_standin::{Standin, StandinState};
+use support::{DemoKeyExt as _, Harness, Setup};
+
+struct Pki {
+    ca_pem: PathBuf,
+    cert_pem: PathBuf,
+    key_pem: PathBuf,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+fn make_pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = support::temp_dir("pki");
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let pki = Pki {
+        ca_pem: dir.join("ca.pem"),
+        cert_pem: dir.join("cert.pem"),
+        key_pem: dir.join("key.pem"),
+        ca_der: ca_cert.der().clone(),
+    };
+    std::fs::write(&pki.ca_pem, ca_cert.pem()).unwrap();
+    std::fs::write(&pki.cert_pem, leaf.pem()).unwrap();
+    std::fs::write(&pki.key_pem, leaf_key.serialize_pem()).unwrap();
+    pki
+}
+
+fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn tls_listener_negotiates_h2_by_alpn_and_upstream_tls_uses_the_extra_ca() {
+    let pki = make_pki();
+    let standin_tls = keygate::tls::server_config(&pki.cert_pem, &pki.key_pem).unwrap();
+    let state = Arc::new(StandinState::new(
+        support::ADMIN_EMAIL,
+        support::ADMIN_TOKEN,
+    ));
+    let standin = Standin::start_tls(state, tokio_rustls::TlsAcceptor::from(standin_tls))
+        .await
+        .unwrap();
+    let port = standin.addr.port();
+    let h = Harness::start_in_front_of(
+        standin,
+        Setup {
+            base_url: Some(format!("https://localhost:{port}")),
+            confluence_extra: format!("  ca_file: {}\n", pki.ca_pem.display()),
+            listen_tls: Some((pki.cert_pem.clone(), pki.key_pem.clone())),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // Client side: TLS with ALPN h2.
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = client_tls(&pki, &[b"h2"])
+        .connect(server_name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let auth = h.reader.basic();
+    let request = http::Request::builder()
+        .uri(format!("https://localhost:{}/wiki/version", h.addr.port()))
+        .header("authorization", &auth)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // The stand-in offers h2 by ALPN, so keygate's upstream connection is HTTP/2.
+    assert_eq!(body["version"], "HTTP/2.0");
+    let seen = h.forwarded();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header_values("x-forwarded-proto"), ["https"]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_with_an_untrusted_certificate_is_unreachable() {
+    let pki = make_pki();
+    let standin_tls = keygate::tls::server_config(&pki.cert_pem, &pki.key_pem).unwrap();
+    let state = Arc::new(StandinState::new(
+        support::ADMIN_EMAIL,
+        support::ADMIN_TOKEN,
+    ));
+    let standin = Standin::start_tls(state, tokio_rustls::TlsAcceptor::from(standin_tls))
+        .await
+        .unwrap();
+    let port = standin.addr.port();
+    let h = Harness::start_in_front_of(
+        standin,
+        Setup {
+            base_url: Some(format!("https://localhost:{port}")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let auth = h.reader.basic();
+    let reply = support::client::get(&h.url("/wiki/version"), &[("Authorization", &auth)]).await;
+    assert_eq!(reply.status, 502);
+    assert!(h.forwarded().is_empty());
+    h.stop().await;
+}
