@@ -132,3 +132,84 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// The admin-key endpoints over the pooled client, with the current generation's
+/// admin credential and timeout.
+pub struct UpstreamAdminApi {
+    pub upstream: Upstream,
+    pub gateway: std::sync::Arc<arc_swap::ArcSwap<crate::proxy::Gateway>>,
+}
+
+/// The largest admin-key answer keygate reads.
+const MAX_ADMIN_KEY_BODY: usize = 64 * 1024;
+
+impl crate::admin_key::AdminKeyApi for UpstreamAdminApi {
+    async fn call(
+        &self,
+        method: http::Method,
+        duration_minutes: u32,
+    ) -> Result<crate::admin_key::ApiReply, String> {
+        use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, DATE, HOST, RETRY_AFTER};
+        use http_body_util::BodyExt as _;
+        let gateway = self.gateway.load_full();
+        let timeout = gateway.config.confluence.request_timeout;
+        let uri = self
+            .upstream
+            .uri("/wiki/api/v2/admin-key", None)
+            .map_err(|e| e.to_string())?;
+        let body = if method == http::Method::POST {
+            crate::body::full(format!("{{\"durationInMinutes\":{duration_minutes}}}"))
+        } else {
+            crate::body::empty()
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(AUTHORIZATION, gateway.admin_authorization.clone());
+        headers.insert(HOST, self.upstream.host().clone());
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        if method == http::Method::POST {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        let response = self
+            .upstream
+            .send(request, timeout)
+            .await
+            .map_err(|e| format!("{method} {e}"))?;
+        let status = response.status().as_u16();
+        let date = response
+            .headers()
+            .get(DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, date));
+        let limited = http_body_util::Limited::new(response.into_body(), MAX_ADMIN_KEY_BODY);
+        let body = tokio::time::timeout(timeout, limited.collect())
+            .await
+            .map_err(|_| format!("{method} timed out reading the answer"))?
+            .map_err(|e| format!("{method} answer unreadable: {e}"))?
+            .to_bytes();
+        Ok(crate::admin_key::ApiReply {
+            status,
+            date,
+            retry_after,
+            body,
+        })
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date (relative to the response's `Date`).
+pub fn parse_retry_after(value: &str, date: Option<std::time::SystemTime>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let now = date.unwrap_or_else(std::time::SystemTime::now);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}

@@ -5,6 +5,7 @@
 //! addresses; `App::run` serves until a shutdown future completes. Tests and
 //! `keygate dev` drive exactly this.
 
+pub mod admin_key;
 pub mod body;
 pub mod cli;
 pub mod client_keys;
@@ -30,10 +31,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin_key::AdminKeys;
 use crate::client_keys::KeyStore;
 use crate::config::{Config, ConfigErrors};
-use crate::confluence::Upstream;
+use crate::confluence::{Upstream, UpstreamAdminApi};
 use crate::ops::{OpsService, Readiness};
+use crate::proxy::SiteAdminKeys;
 use crate::proxy::{Gateway, Proxy};
 use crate::server::ServeOptions;
 
@@ -92,6 +95,10 @@ pub struct Control {
 impl Control {
     pub fn gateway(&self) -> Arc<Gateway> {
         self.proxy.gateway.load_full()
+    }
+
+    pub fn admin_keys(&self) -> Arc<SiteAdminKeys> {
+        Arc::clone(&self.proxy.admin_keys)
     }
 
     /// How many argon2 verifications have run since start.
@@ -195,13 +202,24 @@ impl App {
             max_header_bytes: usize::try_from(config.limits.max_header_bytes).unwrap_or(usize::MAX),
             drain_timeout: Duration::from_secs(30),
         };
-        let gateway = Gateway::build(config, Arc::clone(&argon2_runs))?;
-        let proxy = Arc::new(Proxy::new(gateway, upstream));
+        let readiness = Arc::new(Readiness::default());
+        let admin_key_policy = config.admin_key.clone();
+        let wait_bound = config.confluence.request_timeout;
+        let gateway = Arc::new(arc_swap::ArcSwap::from_pointee(Gateway::build(
+            config,
+            Arc::clone(&argon2_runs),
+        )?));
+        let api = UpstreamAdminApi {
+            upstream: upstream.clone(),
+            gateway: Arc::clone(&gateway),
+        };
+        let admin_keys = AdminKeys::new(api, admin_key_policy, wait_bound, Arc::clone(&readiness));
+        let proxy = Arc::new(Proxy::new(gateway, upstream, admin_keys));
         Ok(App {
             control: Control {
                 proxy,
                 argon2_runs,
-                readiness: Arc::new(Readiness::default()),
+                readiness,
             },
             listener,
             tls,
@@ -249,10 +267,18 @@ impl App {
             ));
         }
         tasks.spawn(config::reload::watch(self.control.clone(), stop.clone()));
+        let admin_keys = self.control.admin_keys();
+        let mut idle_stop = stop.clone();
+        tasks.spawn(async move {
+            admin_keys
+                .idle_watch(async move { idle_stop.wait().await })
+                .await;
+        });
         shutdown.await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         trigger.trigger();
         while tasks.join_next().await.is_some() {}
+        self.control.admin_keys().shutdown().await;
         tracing::info!("stopped");
     }
 }

@@ -19,10 +19,11 @@ use http::header::{HeaderValue, AUTHORIZATION};
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 
+use crate::admin_key::{AdminKeys, Lease};
 use crate::body::{self, Body};
 use crate::client_keys::{KeyStore, Principal};
 use crate::config::Config;
-use crate::confluence::{Upstream, UpstreamError};
+use crate::confluence::{Upstream, UpstreamAdminApi, UpstreamError};
 use crate::error::ProxyError;
 use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
 use crate::route::{CanonicalPath, PathError};
@@ -53,18 +54,28 @@ pub struct Exchange {
     pub admin_key: bool,
     pub upstream_status: Option<u16>,
     pub auth_failure: Option<&'static str>,
+    /// The admin key a bypass request was sent with.
+    pub lease: Option<Lease>,
 }
 
+pub type SiteAdminKeys = AdminKeys<UpstreamAdminApi>;
+
 pub struct Proxy {
-    pub gateway: ArcSwap<Gateway>,
+    pub gateway: Arc<ArcSwap<Gateway>>,
     pub upstream: Upstream,
+    pub admin_keys: Arc<SiteAdminKeys>,
 }
 
 impl Proxy {
-    pub fn new(gateway: Gateway, upstream: Upstream) -> Self {
+    pub fn new(
+        gateway: Arc<ArcSwap<Gateway>>,
+        upstream: Upstream,
+        admin_keys: Arc<SiteAdminKeys>,
+    ) -> Self {
         Proxy {
-            gateway: ArcSwap::from_pointee(gateway),
+            gateway,
             upstream,
+            admin_keys,
         }
     }
 
@@ -135,7 +146,20 @@ impl Proxy {
             .decide(request.method(), &path, &principal.roles)
             .ok_or(ProxyError::Forbidden)?;
         exchange.route = Some(route.name.clone());
-        exchange.admin_key = route.admin_key;
+
+        // 5. A bypass request leaves only with an active admin key behind it; without
+        //    one it is refused, never sent without the bypass (a scanner would
+        //    silently miss restricted pages).
+        if route.admin_key {
+            let lease = self.admin_keys.ensure().await.map_err(|u| {
+                tracing::debug!(reason = %u.reason, "bypass refused: no admin key");
+                ProxyError::AdminKeyUnavailable {
+                    retry_after: u.retry_after,
+                }
+            })?;
+            exchange.lease = Some(lease);
+            exchange.admin_key = true;
+        }
 
         // 6. Forward: the client's credentials and any smuggled bypass go; ours come.
         let (mut parts, incoming) = request.into_parts();
@@ -192,6 +216,3 @@ fn canonical_target<B>(request: &Request<B>) -> Result<CanonicalPath, PathError>
     }
     CanonicalPath::parse(uri.path())
 }
-
-/// A `Proxy` behind an `Arc`, as the server holds it.
-pub type SharedProxy = Arc<Proxy>;

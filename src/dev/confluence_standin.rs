@@ -85,13 +85,67 @@ const PAGES: &[Page] = &[
     },
 ];
 
-/// The stand-in's state: its admin account, admin key and request record.
+/// An injected failure of the admin-key endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub status: StatusCode,
+    pub retry_after: Option<u64>,
+    pub delay: Duration,
+    /// Only calls with this method; any method when `None`.
+    pub method: Option<Method>,
+}
+
+impl Fault {
+    pub fn status(status: u16) -> Self {
+        Fault {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            retry_after: None,
+            delay: Duration::ZERO,
+            method: None,
+        }
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+    pub fn only(mut self, method: Method) -> Self {
+        self.method = Some(method);
+        self
+    }
+}
+
+/// One call of the admin-key API, as the stand-in saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCall {
+    pub method: Method,
+    /// On the stand-in's clock (skew included).
+    pub at: SystemTime,
+    /// Time the key had left when the call arrived; `None` if none was active.
+    pub remaining_before: Option<Duration>,
+    pub status: StatusCode,
+}
+
+/// The stand-in's state: its admin account, admin key, clock, faults and records.
 pub struct StandinState {
     pub email: String,
     pub api_token: String,
     pub account_id: String,
     admin_key: Mutex<Option<SystemTime>>,
     requests: Mutex<Vec<Recorded>>,
+    key_calls: Mutex<Vec<KeyCall>>,
+    faults: Mutex<std::collections::VecDeque<(Fault, u32)>>,
+    /// Expiry for every new key, overriding the requested minutes (short keys for tests).
+    key_lifetime: Mutex<Option<Duration>>,
+    /// Seconds added to the stand-in's clock (negative: behind).
+    skew_secs: std::sync::atomic::AtomicI64,
+    /// Wall time at start, and tokio's instant then: the clock follows tokio's
+    /// (pausable) time, so tests can run hours in milliseconds.
+    base_wall: SystemTime,
+    base_instant: tokio::time::Instant,
 }
 
 impl StandinState {
@@ -102,12 +156,78 @@ impl StandinState {
             account_id: "557058:standin-admin".to_owned(),
             admin_key: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
+            key_calls: Mutex::new(Vec::new()),
+            faults: Mutex::new(std::collections::VecDeque::new()),
+            key_lifetime: Mutex::new(None),
+            skew_secs: std::sync::atomic::AtomicI64::new(0),
+            base_wall: SystemTime::now(),
+            base_instant: tokio::time::Instant::now(),
         }
     }
 
     /// The stand-in's own clock, which stamps `Date` and judges expiry.
     pub fn now(&self) -> SystemTime {
-        SystemTime::now()
+        let t = self.base_wall + self.base_instant.elapsed();
+        let skew = self.skew_secs.load(std::sync::atomic::Ordering::Relaxed);
+        if skew >= 0 {
+            t + Duration::from_secs(skew.unsigned_abs())
+        } else {
+            t - Duration::from_secs(skew.unsigned_abs())
+        }
+    }
+
+    /// Moves the stand-in's clock by `secs` against keygate's.
+    pub fn set_skew(&self, secs: i64) {
+        self.skew_secs
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The next `times` admin-key calls (matching the fault's method) fail this way.
+    pub fn inject(&self, fault: Fault, times: u32) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((fault, times));
+    }
+
+    /// Every new key lives this long, whatever was asked.
+    pub fn set_key_lifetime(&self, lifetime: Option<Duration>) {
+        *self.key_lifetime.lock().unwrap_or_else(|p| p.into_inner()) = lifetime;
+    }
+
+    /// Disables the key as someone else would (the UI, another tool).
+    pub fn disable_externally(&self) {
+        *self.admin_key.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Every admin-key call so far.
+    pub fn key_calls(&self) -> Vec<KeyCall> {
+        self.key_calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many admin-key calls used `method`.
+    pub fn key_call_count(&self, method: &Method) -> usize {
+        self.key_calls()
+            .iter()
+            .filter(|c| c.method == *method)
+            .count()
+    }
+
+    fn take_fault(&self, method: &Method) -> Option<Fault> {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let index = faults
+            .iter()
+            .position(|(f, _)| f.method.as_ref().is_none_or(|m| m == method))?;
+        let (fault, left) = &mut faults[index];
+        let fault = fault.clone();
+        *left -= 1;
+        if *left == 0 {
+            faults.remove(index);
+        }
+        Some(fault)
     }
 
     /// Every request received so far, in order.
@@ -156,9 +276,52 @@ impl StandinState {
             && first.is_some_and(|v| v.as_bytes() == format!("Basic {expected}").as_bytes())
     }
 
-    /// `GET`, `POST` and `DELETE /wiki/api/v2/admin-key`.
-    pub fn admin_key_call(&self, method: &Method, body: &[u8]) -> (StatusCode, String) {
+    /// `GET`, `POST` and `DELETE /wiki/api/v2/admin-key`: status, `Retry-After`, body.
+    pub async fn admin_key_call(
+        &self,
+        method: &Method,
+        body: &[u8],
+    ) -> (StatusCode, Option<u64>, String) {
+        let fault = self.take_fault(method);
+        if let Some(f) = &fault {
+            if !f.delay.is_zero() {
+                tokio::time::sleep(f.delay).await;
+            }
+        }
         let now = self.now();
+        let remaining_before = {
+            let key = self.admin_key.lock().unwrap_or_else(|p| p.into_inner());
+            key.and_then(|exp| exp.duration_since(now).ok())
+        };
+        let (status, retry_after, text) = match fault {
+            Some(f) => (
+                f.status,
+                f.retry_after,
+                format!(r#"{{"message":"injected {}"}}"#, f.status.as_u16()),
+            ),
+            None => {
+                let (status, text) = self.admin_key_effect(method, body, now);
+                (status, None, text)
+            }
+        };
+        self.key_calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(KeyCall {
+                method: method.clone(),
+                at: now,
+                remaining_before,
+                status,
+            });
+        (status, retry_after, text)
+    }
+
+    fn admin_key_effect(
+        &self,
+        method: &Method,
+        body: &[u8],
+        now: SystemTime,
+    ) -> (StatusCode, String) {
         let mut key = self.admin_key.lock().unwrap_or_else(|p| p.into_inner());
         if key.is_some_and(|exp| exp <= now) {
             *key = None;
@@ -177,7 +340,8 @@ impl StandinState {
                     0 => 10,
                     m => m.min(60),
                 };
-                let exp = now + Duration::from_secs(minutes * 60);
+                let lifetime = *self.key_lifetime.lock().unwrap_or_else(|p| p.into_inner());
+                let exp = now + lifetime.unwrap_or(Duration::from_secs(minutes * 60));
                 *key = Some(exp);
                 (StatusCode::OK, self.key_json(exp))
             }
@@ -349,14 +513,19 @@ async fn route(state: &StandinState, request: Request<Incoming>) -> Response<Bod
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            let (status, text) = state.admin_key_call(&method, &body);
-            if status == StatusCode::NO_CONTENT {
+            let (status, retry_after, text) = state.admin_key_call(&method, &body).await;
+            let mut r = if status == StatusCode::NO_CONTENT {
                 let mut r = Response::new(crate::body::empty());
                 *r.status_mut() = status;
                 r
             } else {
                 json(status, text)
+            };
+            if let Some(secs) = retry_after {
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
             }
+            r
         }
         (Method::GET, ["wiki", "api", "v2", "spaces"]) => json(
             StatusCode::OK,
