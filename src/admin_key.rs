@@ -15,6 +15,7 @@
 //! Time is tokio's, so tests drive hours of it in milliseconds with a paused clock.
 
 mod backoff;
+pub mod probe;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -56,6 +56,10 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Also check the site for real: the admin credential, and whether the account
+        /// may use admin keys (a one-minute key is enabled and disabled again).
+        #[arg(long)]
+        probe: bool,
     },
     /// Show how a request would be decided.
     Explain {
@@ -87,7 +91,11 @@ pub fn main() -> ExitCode {
         Command::Dev => {
             with_runtime(|| async { crate::dev::run().await.map_err(|e| e.to_string()) })
         }
-        Command::Check { config, json } => check(&config.config, json),
+        Command::Check {
+            config,
+            json,
+            probe,
+        } => check(&config.config, json, probe),
         Command::Explain {
             method,
             path,
@@ -160,7 +168,7 @@ fn run(path: &Path) -> ExitCode {
     })
 }
 
-fn check(path: &Path, json: bool) -> ExitCode {
+fn check(path: &Path, json: bool, probe: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -204,10 +212,37 @@ fn check(path: &Path, json: bool) -> ExitCode {
             "routes": routes,
         });
         println!("{summary}");
-        return ExitCode::SUCCESS;
+    } else {
+        print!("{}", summary(path, &config, keys.len(), usable));
     }
-    print!("{}", summary(path, &config, keys.len(), usable));
+    if probe {
+        return probe_site(config);
+    }
     ExitCode::SUCCESS
+}
+
+fn probe_site(config: Config) -> ExitCode {
+    with_runtime(|| async move {
+        let site = config.confluence.base_url();
+        let upstream =
+            crate::confluence::Upstream::new(&config.confluence).map_err(|e| e.to_string())?;
+        let runs = std::sync::Arc::default();
+        let gateway = crate::proxy::Gateway::build(config, runs).map_err(|e| e.to_string())?;
+        let api = crate::confluence::UpstreamAdminApi {
+            upstream,
+            gateway: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(gateway)),
+        };
+        println!("probe of {site}:");
+        let findings = crate::admin_key::probe::probe(&api, &site).await;
+        for f in &findings {
+            println!("  {} {}", if f.ok { "ok  " } else { "FAIL" }, f.text);
+        }
+        if findings.iter().all(|f| f.ok) {
+            Ok(())
+        } else {
+            Err("the probe found problems (FAIL lines above)".into())
+        }
+    })
 }
 
 fn summary(path: &Path, config: &Config, keys: usize, usable: usize) -> String {
