@@ -14,6 +14,7 @@ pub mod confluence;
 pub mod dev;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod rfc3339;
@@ -113,6 +114,9 @@ impl Control {
             .and_then(|config| Gateway::build(config, Arc::clone(&self.argon2_runs)));
         match result {
             Ok(new) => {
+                self.proxy
+                    .metrics
+                    .inc("keygate_config_reloads_total", &[("result", "ok")]);
                 for field in restart_only_changes(&old.config, &new.config) {
                     tracing::warn!(
                         field,
@@ -129,6 +133,9 @@ impl Control {
                 Ok(())
             }
             Err(errors) => {
+                self.proxy
+                    .metrics
+                    .inc("keygate_config_reloads_total", &[("result", "error")]);
                 for e in &errors.0 {
                     tracing::error!(trigger, error = %e, "reload refused; the previous configuration stays in force");
                 }
@@ -196,11 +203,13 @@ impl App {
             Some(ops) => Some(bind("ops.address", ops.address).await?),
             None => None,
         };
+        let metrics = Arc::new(metrics::Metrics::default());
         let options = ServeOptions {
             max_connections: config.limits.max_connections as usize,
             header_read_timeout: config.limits.header_read_timeout,
             max_header_bytes: usize::try_from(config.limits.max_header_bytes).unwrap_or(usize::MAX),
             drain_timeout: Duration::from_secs(30),
+            connections: Some(Arc::clone(&metrics.open_connections)),
         };
         let readiness = Arc::new(Readiness::default());
         let admin_key_policy = config.admin_key.clone();
@@ -214,7 +223,11 @@ impl App {
             gateway: Arc::clone(&gateway),
         };
         let admin_keys = AdminKeys::new(api, admin_key_policy, wait_bound, Arc::clone(&readiness));
-        let proxy = Arc::new(Proxy::new(gateway, upstream, admin_keys));
+        let counted = Arc::clone(&metrics);
+        admin_keys.on_event(move |e| {
+            counted.inc("keygate_admin_key_events_total", &[("action", e.action)]);
+        });
+        let proxy = Arc::new(Proxy::new(gateway, upstream, admin_keys, metrics));
         Ok(App {
             control: Control {
                 proxy,
@@ -257,12 +270,18 @@ impl App {
         if let Some(listener) = self.ops_listener {
             let ops = OpsService {
                 readiness: Arc::clone(&self.control.readiness),
+                metrics: Arc::clone(&self.control.proxy.metrics),
+                admin_keys: self.control.admin_keys(),
+            };
+            let options = ServeOptions {
+                connections: None,
+                ..self.options
             };
             tasks.spawn(server::serve(
                 listener,
                 None,
                 Arc::new(ops),
-                self.options,
+                options,
                 stop.clone(),
             ));
         }

@@ -42,6 +42,8 @@ impl Readiness {
 
 pub struct OpsService {
     pub readiness: Arc<Readiness>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub admin_keys: Arc<crate::proxy::SiteAdminKeys>,
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
@@ -73,6 +75,18 @@ impl Handler for OpsService {
                     status,
                     &serde_json::json!({"ready": ready, "reasons": reasons}),
                 )
+            }
+            "/metrics" if get => {
+                let mut gauges = Vec::new();
+                if let Some(left) = self.admin_keys.seconds_left() {
+                    gauges.push(("keygate_admin_key_seconds_left", left));
+                }
+                let mut response = Response::new(full(self.metrics.render(&gauges)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
             }
             _ => ProxyError::NotFound.to_response(&headers::new_request_id()),
         }

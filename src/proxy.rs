@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::confluence::{Upstream, UpstreamAdminApi, UpstreamError};
 use crate::error::ProxyError;
 use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
+use crate::metrics::Metrics;
 use crate::route::{CanonicalPath, PathError};
 
 /// Everything one configuration generation decides with; replaced whole on reload.
@@ -64,6 +65,7 @@ pub struct Proxy {
     pub gateway: Arc<ArcSwap<Gateway>>,
     pub upstream: Upstream,
     pub admin_keys: Arc<SiteAdminKeys>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Proxy {
@@ -71,11 +73,13 @@ impl Proxy {
         gateway: Arc<ArcSwap<Gateway>>,
         upstream: Upstream,
         admin_keys: Arc<SiteAdminKeys>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Proxy {
             gateway,
             upstream,
             admin_keys,
+            metrics,
         }
     }
 
@@ -94,6 +98,26 @@ impl Proxy {
             Ok(response) => response,
             Err(e) => e.to_response(&request_id),
         };
+        let status = response.status().as_u16();
+        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .get(usize::from(status / 100).saturating_sub(1))
+            .copied()
+            .unwrap_or("other");
+        let bypass = if exchange.admin_key { "true" } else { "false" };
+        let route = exchange.route.as_deref().unwrap_or("none");
+        self.metrics.inc(
+            "keygate_requests_total",
+            &[("route", route), ("status", class), ("bypass", bypass)],
+        );
+        self.metrics.observe(
+            "keygate_request_duration_seconds",
+            &[("bypass", bypass)],
+            started.elapsed().as_secs_f64(),
+        );
+        if let Some(reason) = exchange.auth_failure {
+            self.metrics
+                .inc("keygate_auth_failures_total", &[("reason", reason)]);
+        }
         tracing::info!(
             target: "keygate::access",
             request_id = request_id.to_str().unwrap_or(""),
@@ -182,6 +206,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let upstream_request = Request::from_parts(parts, body::boxed(incoming));
         let timeout = gateway.config.confluence.request_timeout;
+        let sent = Instant::now();
         let response = self
             .upstream
             .send(upstream_request, timeout)
@@ -193,6 +218,11 @@ impl Proxy {
                     UpstreamError::Unreachable(_) => ProxyError::UpstreamUnreachable,
                 }
             })?;
+        self.metrics.observe(
+            "keygate_upstream_duration_seconds",
+            &[],
+            sent.elapsed().as_secs_f64(),
+        );
         exchange.upstream_status = Some(response.status().as_u16());
 
         // 7. The admin's session cookies never reach a client.

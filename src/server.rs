@@ -36,6 +36,28 @@ pub struct ServeOptions {
     pub max_header_bytes: usize,
     /// How long in-flight requests get after shutdown starts.
     pub drain_timeout: Duration,
+    /// Counts open connections, if given.
+    pub connections: Option<Arc<std::sync::atomic::AtomicI64>>,
+}
+
+/// Keeps the open-connection count right however a connection task ends.
+struct Open(Option<Arc<std::sync::atomic::AtomicI64>>);
+
+impl Open {
+    fn new(counter: Option<Arc<std::sync::atomic::AtomicI64>>) -> Self {
+        if let Some(c) = &counter {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Open(counter)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// A shutdown signal that any number of tasks can wait for.
@@ -107,6 +129,7 @@ pub async fn serve<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let open = Open::new(options.connections.clone());
         let conn = ConnInfo { peer, proto };
         let handler = Arc::clone(&handler);
         let service = hyper::service::service_fn(move |request| {
@@ -120,7 +143,7 @@ pub async fn serve<H: Handler>(
                 let watched = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {
                     let _ = watched.await;
-                    drop(permit);
+                    drop((permit, open));
                 });
             }
             Some(acceptor) => {
@@ -140,7 +163,7 @@ pub async fn serve<H: Handler>(
                     };
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let _ = watcher.watch(connection.into_owned()).await;
-                    drop(permit);
+                    drop((permit, open));
                 });
             }
         }

@@ -29,6 +29,17 @@ async fn restricted_page_is_readable_only_through_the_bypass_route() {
     let state = Arc::clone(&h.standin.state);
     assert_eq!(state.key_call_count(&Method::GET), 1);
     assert_eq!(state.key_call_count(&Method::POST), 1);
+    let metrics = get(&format!("http://{}/metrics", h.ops_addr.unwrap()), &[])
+        .await
+        .text();
+    for line in [
+        "keygate_admin_key_events_total{action=\"enabled\"} 1",
+        "keygate_requests_total{route=\"scan-restricted-pages\",status=\"2xx\",bypass=\"true\"} 1",
+        "keygate_requests_total{route=\"read-anything-normally\",status=\"4xx\",bypass=\"false\"} 1",
+        "keygate_admin_key_seconds_left 3",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
     h.stop().await;
     assert_eq!(
         state.key_call_count(&Method::DELETE),
