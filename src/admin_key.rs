@@ -89,6 +89,9 @@ struct ActiveKey {
     lease: Lease,
     /// When it expires on the monotonic clock.
     deadline: Instant,
+    /// When a refresh starts: `refresh_before` ahead of the deadline, or half the
+    /// key's life if Confluence granted less than that (no refresh storm).
+    refresh_at: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -182,8 +185,7 @@ impl<A: AdminKeyApi> AdminKeys<A> {
                 st.last_bypass = Some(now);
                 if let Some(key) = st.key.as_ref().filter(|k| usable(k, now)) {
                     let lease = key.lease.clone();
-                    let left = key.deadline - now;
-                    let refresh = left < self.policy.load().refresh_before;
+                    let refresh = now >= key.refresh_at;
                     let check = st.last_checked.is_none_or(|t| now - t >= DRIFT_CHECK);
                     if (refresh || check) && !st.in_flight && !st.backoff.active(now) {
                         let kind = if refresh { Call::Refresh } else { Call::Check };
@@ -252,7 +254,7 @@ impl<A: AdminKeyApi> AdminKeys<A> {
                 Err(e) => return self.fail(Failure::Transient(e, None)),
             };
             match reply.status {
-                200 => match parse_key(&reply, sent) {
+                200 => match parse_key(&reply, sent, policy.refresh_before) {
                     Some(key) if key.deadline - sent > policy.refresh_before => {
                         let action = if had_key { None } else { Some("adopted") };
                         return self.succeed(key, action, "an active key was found");
@@ -276,7 +278,7 @@ impl<A: AdminKeyApi> AdminKeys<A> {
             Err(e) => return self.fail(Failure::Transient(e, None)),
         };
         match reply.status {
-            200 | 201 => match parse_key(&reply, sent) {
+            200 | 201 => match parse_key(&reply, sent, policy.refresh_before) {
                 Some(key) => {
                     let (action, why) = match (kind, had_key) {
                         (Call::Refresh, _) => ("refreshed", "less than refresh_before was left"),
@@ -437,7 +439,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The key in a 200 answer, its expiry laid onto the monotonic clock at `sent`.
-fn parse_key(reply: &ApiReply, sent: Instant) -> Option<ActiveKey> {
+fn parse_key(reply: &ApiReply, sent: Instant, refresh_before: Duration) -> Option<ActiveKey> {
     let v: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
     let account_id = v.get("accountId")?.as_str()?.to_owned();
     let expires = crate::rfc3339::parse(v.get("expirationTime")?.as_str()?).ok()?;
@@ -450,6 +452,7 @@ fn parse_key(reply: &ApiReply, sent: Instant) -> Option<ActiveKey> {
             expires,
         },
         deadline: sent + left,
+        refresh_at: sent + left - refresh_before.min(left / 2),
     })
 }
 

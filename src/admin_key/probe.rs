@@ -55,9 +55,13 @@ pub async fn probe<A: AdminKeyApi>(api: &A, site: &str) -> Vec<Finding> {
         }
         200 => {
             out.push(ok("the admin credential is accepted"));
-            let until = parse_key(&reply, tokio::time::Instant::now())
-                .map(|k| crate::rfc3339::format_seconds(k.lease.expires))
-                .unwrap_or_else(|| "an unreadable time".into());
+            let until = parse_key(
+                &reply,
+                tokio::time::Instant::now(),
+                std::time::Duration::ZERO,
+            )
+            .map(|k| crate::rfc3339::format_seconds(k.lease.expires))
+            .unwrap_or_else(|| "an unreadable time".into());
             out.push(ok(format!(
                 "the account may use admin keys: one is active until {until} (left untouched)"
             )));

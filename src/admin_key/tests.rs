@@ -389,3 +389,20 @@ async fn events_report_enable_refresh_and_disable() {
     keys.shutdown().await;
     assert_eq!(*seen.lock().unwrap(), ["enabled", "refreshed", "disabled"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn keys_shorter_than_refresh_before_are_refreshed_at_half_life_not_per_request() {
+    let (standin, keys, _) = setup(policy(60, 300));
+    standin.set_key_lifetime(Some(Duration::from_secs(60)));
+    for i in 0..120 {
+        if i > 0 {
+            assert!(standin.admin_key_active(), "lapsed at step {i}");
+        }
+        keys.ensure().await.unwrap();
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    // Ten minutes of 60-second keys refreshed at half life: about 20 POSTs, not 120.
+    let posts = standin.key_call_count(&Method::POST);
+    assert!((18..=22).contains(&posts), "{posts} POSTs");
+}
