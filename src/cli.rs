@@ -61,6 +61,11 @@ enum Command {
         #[arg(long)]
         probe: bool,
     },
+    /// Manage API access keys in the keys file the configuration names.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Show how a request would be decided.
     Explain {
         /// The HTTP method, like GET.
@@ -73,6 +78,57 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a key; prints client_id and client_secret once.
+    Create {
+        /// The key's name; it becomes the start of the client_id.
+        #[arg(long)]
+        name: String,
+        /// A role the key holds (repeat for several).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Expiration time, RFC 3339 (like 2027-06-30T00:00:00Z).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Read a chosen secret from standard input (no echo on a terminal) instead
+        /// of generating one.
+        #[arg(long)]
+        secret_stdin: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (never secrets or hashes).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a key invalid; it stops working at the next reload.
+    Revoke {
+        client_id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Issue a new secret for the same client_id and mark the key valid.
+    Regenerate {
+        client_id: String,
+        /// Read a chosen secret from standard input instead of generating one.
+        #[arg(long)]
+        secret_stdin: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -103,6 +159,49 @@ pub fn main() -> ExitCode {
             config,
             json,
         } => explain(&config.config, &method, &path, client_id.as_deref(), json),
+        Command::Keys { command } => crate::client_keys::cli::run(command.into()),
+    }
+}
+
+impl From<KeysCommand> for crate::client_keys::cli::KeysAction {
+    fn from(c: KeysCommand) -> Self {
+        use crate::client_keys::cli::KeysAction as A;
+        match c {
+            KeysCommand::Create {
+                name,
+                roles,
+                expires,
+                secret_stdin,
+                config,
+                json,
+            } => A::Create {
+                config: config.config,
+                name,
+                roles,
+                expires,
+                secret_stdin,
+                json,
+            },
+            KeysCommand::List { config, json } => A::List {
+                config: config.config,
+                json,
+            },
+            KeysCommand::Revoke { client_id, config } => A::Revoke {
+                config: config.config,
+                client_id,
+            },
+            KeysCommand::Regenerate {
+                client_id,
+                secret_stdin,
+                config,
+                json,
+            } => A::Regenerate {
+                config: config.config,
+                client_id,
+                secret_stdin,
+                json,
+            },
+        }
     }
 }
 

@@ -11,6 +11,9 @@
 //! after a right one; a store is replaced whole on reload, dropping its cache;
 //! revocation and expiry are checked on every request, cached or not.
 
+pub mod api;
+pub mod cli;
+pub mod edit;
 pub mod file;
 
 use std::collections::HashMap;

@@ -463,7 +463,7 @@ fn validate_admin_key(c: &mut Check<'_>, raw: &raw::RawAdminKey) -> AdminKeyPoli
         Duration::from_secs(3600),
     );
     let secs = duration.as_secs();
-    let whole_minutes = duration.subsec_nanos() == 0 && secs % 60 == 0;
+    let whole_minutes = duration.subsec_nanos() == 0 && secs.is_multiple_of(60);
     if !whole_minutes || !(60..=3600).contains(&secs) {
         c.error(
             "admin_key.duration",

@@ -30,6 +30,16 @@ pub enum ProxyError {
     AuditUnavailable,
     #[error("not found")]
     NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the admin token is required")]
+    AdminUnauthorized,
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the keys file is read-only")]
+    KeysFileReadOnly,
+    #[error("the keys file could not be changed")]
+    KeysFileError,
 }
 
 impl ProxyError {
@@ -39,6 +49,11 @@ impl ProxyError {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::KeysFileReadOnly => StatusCode::CONFLICT,
+            ProxyError::KeysFileError => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::AdminKeyUnavailable { .. } | ProxyError::AuditUnavailable => {
@@ -55,6 +70,11 @@ impl ProxyError {
             ProxyError::Unauthorized => "unauthorized",
             ProxyError::Forbidden => "forbidden",
             ProxyError::NotFound => "not_found",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::AdminUnauthorized => "unauthorized",
+            ProxyError::InvalidRequest(_) => "invalid_request",
+            ProxyError::KeysFileReadOnly => "keys_file_read_only",
+            ProxyError::KeysFileError => "keys_file_error",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::AdminKeyUnavailable { .. } => "admin_key_unavailable",
@@ -74,6 +94,13 @@ impl ProxyError {
             }
             ProxyError::Forbidden => "no route allows this request for this key".to_owned(),
             ProxyError::NotFound => "no such resource".to_owned(),
+            ProxyError::MethodNotAllowed => "this method is not allowed here".to_owned(),
+            ProxyError::AdminUnauthorized => "send Authorization: Bearer <ops.admin_token>".to_owned(),
+            ProxyError::InvalidRequest(m) => m.clone(),
+            ProxyError::KeysFileReadOnly => {
+                "the keys file is read-only (a mounted Secret?); change it where it comes from".to_owned()
+            }
+            ProxyError::KeysFileError => "the keys file could not be changed; see the logs".to_owned(),
             ProxyError::UpstreamUnreachable => "Confluence could not be reached".to_owned(),
             ProxyError::UpstreamTimeout => "Confluence did not answer in time".to_owned(),
             ProxyError::AdminKeyUnavailable { .. } => {
@@ -110,6 +137,12 @@ impl ProxyError {
             headers.insert(
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"keygate\""),
+            );
+        }
+        if *self == ProxyError::AdminUnauthorized {
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"keygate-ops\""),
             );
         }
         if let Some(after) = self.retry_after() {

@@ -98,6 +98,10 @@ impl Control {
         self.proxy.gateway.load_full()
     }
 
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        Arc::clone(&self.proxy.metrics)
+    }
+
     pub fn admin_keys(&self) -> Arc<SiteAdminKeys> {
         Arc::clone(&self.proxy.admin_keys)
     }
@@ -269,9 +273,7 @@ impl App {
         ));
         if let Some(listener) = self.ops_listener {
             let ops = OpsService {
-                readiness: Arc::clone(&self.control.readiness),
-                metrics: Arc::clone(&self.control.proxy.metrics),
-                admin_keys: self.control.admin_keys(),
+                control: self.control.clone(),
             };
             let options = ServeOptions {
                 connections: None,

@@ -88,7 +88,7 @@ fn missing_files_and_bad_flags_are_one_line_errors() {
 fn help_lists_only_what_works() {
     let (code, out, _) = keygate(&["--help"]);
     assert_eq!(code, 0);
-    for cmd in ["run", "dev", "check", "explain"] {
+    for cmd in ["run", "dev", "check", "explain", "keys"] {
         assert!(out.contains(cmd), "{cmd} missing: {out}");
     }
 }

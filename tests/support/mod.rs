@@ -39,6 +39,8 @@ pub struct Setup {
     pub base_url: Option<String>,
     pub confluence_extra: String,
     pub listen_tls: Option<(PathBuf, PathBuf)>,
+    /// Enables the key API on the ops listener.
+    pub admin_token: Option<String>,
 }
 
 impl Default for Setup {
@@ -49,6 +51,7 @@ impl Default for Setup {
             base_url: None,
             confluence_extra: String::new(),
             listen_tls: None,
+            admin_token: None,
         }
     }
 }
@@ -88,8 +91,12 @@ impl Harness {
             None => String::new(),
         };
         let base_url = setup.base_url.clone().unwrap_or_else(|| standin.base_url());
+        let admin_token = match &setup.admin_token {
+            Some(t) => format!("  admin_token: {t}\n"),
+            None => String::new(),
+        };
         let config = format!(
-            "listen:\n  address: 127.0.0.1:0\n{tls}ops:\n  address: 127.0.0.1:0\nconfluence:\n  base_url: {base_url}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\n{}clients:\n  keys_file: keys.yaml\n{}audit:\n  path: audit.jsonl\n{}",
+            "listen:\n  address: 127.0.0.1:0\n{tls}ops:\n  address: 127.0.0.1:0\n{admin_token}confluence:\n  base_url: {base_url}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\n{}clients:\n  keys_file: keys.yaml\n{}audit:\n  path: audit.jsonl\n{}",
             setup.confluence_extra, setup.routes, setup.extra
         );
         let file = dir.join("keygate.yaml");
@@ -114,6 +121,10 @@ impl Harness {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ops_addr.unwrap())
     }
 
     pub fn url(&self, path: &str) -> String {
