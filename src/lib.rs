@@ -111,6 +111,18 @@ impl Control {
         self.argon2_runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Replaces the key store of the current generation (benchmarks compare
+    /// verification strategies in one process this way).
+    pub fn set_key_store(&self, keys: KeyStore) {
+        let old = self.gateway();
+        self.proxy.gateway.store(Arc::new(Gateway {
+            config: old.config.clone(),
+            keys,
+            admin_authorization: old.admin_authorization.clone(),
+            loaded_files: old.loaded_files.clone(),
+        }));
+    }
+
     /// Re-reads config and keys; applies them only if all is valid.
     pub fn reload(&self, trigger: &str) -> Result<(), ConfigErrors> {
         let old = self.gateway();

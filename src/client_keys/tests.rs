@@ -213,3 +213,24 @@ fn keys_file_errors_name_entry_and_field() {
         "{errors}"
     );
 }
+
+#[tokio::test]
+async fn fixed_credential_accepts_exactly_one_credential() {
+    let store = KeyStore::fixed_credential("bench", "Secret-123", vec!["r".into()]);
+    let now = SystemTime::now();
+    let ok = store
+        .authenticate(Some(&basic("bench", "Secret-123")), now)
+        .await
+        .unwrap();
+    assert_eq!(ok.roles, ["r"]);
+    for (id, secret) in [
+        ("bench", "Secret-124"),
+        ("bench2", "Secret-123"),
+        ("bench", ""),
+    ] {
+        assert!(store
+            .authenticate(Some(&basic(id, secret)), now)
+            .await
+            .is_err());
+    }
+}
