@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Show how a request would be decided.
     Explain {
         /// The HTTP method, like GET.
@@ -80,6 +85,15 @@ enum Command {
         /// Print the decision as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files (in any order) or of a directory of them.
+    Verify {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -160,6 +174,9 @@ pub fn main() -> ExitCode {
             json,
         } => explain(&config.config, &method, &path, client_id.as_deref(), json),
         Command::Keys { command } => crate::client_keys::cli::run(command.into()),
+        Command::Audit {
+            command: AuditCommand::Verify { paths },
+        } => audit_verify(&paths),
     }
 }
 
@@ -265,6 +282,22 @@ fn run(path: &Path) -> ExitCode {
         app.run(crate::termination_signal()).await;
         Ok(())
     })
+}
+
+fn audit_verify(paths: &[PathBuf]) -> ExitCode {
+    match crate::audit::verify::verify(paths) {
+        Ok(report) => {
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(broken) => {
+            eprintln!("{broken}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn check(path: &Path, json: bool, probe: bool) -> ExitCode {

@@ -152,6 +152,11 @@ impl KeyStore {
         self.by_client_id.is_empty()
     }
 
+    /// Every key of this generation.
+    pub fn keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.by_client_id.values().map(Arc::as_ref)
+    }
+
     pub fn get(&self, client_id: &str) -> Option<&ApiKey> {
         self.by_client_id.get(client_id).map(Arc::as_ref)
     }

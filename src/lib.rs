@@ -6,6 +6,8 @@
 //! `keygate dev` drive exactly this.
 
 pub mod admin_key;
+pub mod audit;
+mod audit_fields;
 pub mod body;
 pub mod cli;
 pub mod client_keys;
@@ -48,6 +50,8 @@ pub enum StartError {
     Config(#[from] ConfigErrors),
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    #[error("cannot start the audit writer: {0}")]
+    Audit(std::io::Error),
     #[error("cannot listen on {address} ({field}): {source}")]
     Bind {
         field: &'static str,
@@ -145,6 +149,16 @@ impl Control {
                     keys = new.keys.len(),
                     "configuration reloaded"
                 );
+                self.proxy.admin_keys.set_policy(
+                    new.config.admin_key.clone(),
+                    new.config.confluence.request_timeout,
+                );
+                if let Some(audit) = &self.proxy.audit {
+                    audit.record("config_reload", audit_fields::reload_ok(trigger));
+                    for change in audit_fields::key_changes(&old.keys, &new.keys, trigger) {
+                        audit.record("key_management", change);
+                    }
+                }
                 self.proxy.gateway.store(Arc::new(new));
                 Ok(())
             }
@@ -154,6 +168,12 @@ impl Control {
                     .inc("keygate_config_reloads_total", &[("result", "error")]);
                 for e in &errors.0 {
                     tracing::error!(trigger, error = %e, "reload refused; the previous configuration stays in force");
+                }
+                if let Some(audit) = &self.proxy.audit {
+                    audit.record(
+                        "config_reload",
+                        audit_fields::reload_error(trigger, &errors),
+                    );
                 }
                 Err(errors)
             }
@@ -187,6 +207,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// keygate with its listeners bound, not yet serving.
 pub struct App {
     control: Control,
+    audit: Option<(audit::AuditThread, audit::writer::Recovery)>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     ops_listener: Option<TcpListener>,
@@ -238,18 +259,32 @@ impl App {
             upstream: upstream.clone(),
             gateway: Arc::clone(&gateway),
         };
+        let audit_settings = gateway.load().config.audit.clone();
+        let (audit, audit_thread) = match audit_settings {
+            Some(settings) => {
+                let (audit, thread, recovery) =
+                    audit::Audit::start(settings, Arc::clone(&readiness), Arc::clone(&metrics))
+                        .map_err(StartError::Audit)?;
+                (Some(audit), Some((thread, recovery)))
+            }
+            None => (None, None),
+        };
         let admin_keys = AdminKeys::new(api, admin_key_policy, wait_bound, Arc::clone(&readiness));
+        if let Some(audit) = audit.clone() {
+            admin_keys.on_event(move |e| audit.record("admin_key", audit_fields::admin_key(e)));
+        }
         let counted = Arc::clone(&metrics);
         admin_keys.on_event(move |e| {
             counted.inc("keygate_admin_key_events_total", &[("action", e.action)]);
         });
-        let proxy = Arc::new(Proxy::new(gateway, upstream, admin_keys, metrics));
+        let proxy = Arc::new(Proxy::new(gateway, upstream, admin_keys, metrics, audit));
         Ok(App {
             control: Control {
                 proxy,
                 argon2_runs,
                 readiness,
             },
+            audit: audit_thread,
             listener,
             tls,
             ops_listener,
@@ -307,11 +342,34 @@ impl App {
                 .idle_watch(async move { idle_stop.wait().await })
                 .await;
         });
+        let audit = self.control.proxy.audit.clone();
+        if let (Some(audit), Some((_, recovery))) = (&audit, &self.audit) {
+            let fields = audit_fields::startup(&self.control.gateway().config, recovery);
+            if let Err(e) = audit.durable("startup", fields).await {
+                tracing::error!(error = %e, "could not record the start in the audit trail");
+            }
+            let ticking = audit.clone();
+            let mut tick_stop = stop.clone();
+            tasks.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick_stop.wait() => return,
+                        _ = every.tick() => ticking.tick(),
+                    }
+                }
+            });
+        }
         shutdown.await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         trigger.trigger();
         while tasks.join_next().await.is_some() {}
         self.control.admin_keys().shutdown().await;
+        if let (Some(audit), Some((thread, _))) = (audit, self.audit) {
+            let _ = audit.durable("shutdown", audit_fields::shutdown()).await;
+            audit.close().await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         tracing::info!("stopped");
     }
 }

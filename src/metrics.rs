@@ -87,8 +87,18 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 
 impl Metrics {
     pub fn inc(&self, name: &'static str, pairs: &[(&str, &str)]) {
+        self.add(name, pairs, 1);
+    }
+
+    pub fn add(&self, name: &'static str, pairs: &[(&str, &str)], n: u64) {
         let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((name, labels(pairs))).or_insert(0) += 1;
+        *map.entry((name, labels(pairs))).or_insert(0) += n;
+    }
+
+    /// A counter's current value (for benchmarks and tests).
+    pub fn counter(&self, name: &'static str, pairs: &[(&str, &str)]) -> u64 {
+        let map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(name, labels(pairs))).copied().unwrap_or(0)
     }
 
     pub fn observe(&self, name: &'static str, pairs: &[(&str, &str)], seconds: f64) {

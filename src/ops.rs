@@ -107,7 +107,10 @@ impl OpsService {
         if !answer.changes.is_empty() {
             // Apply at once rather than at the next poll; a refused reload keeps the
             // old keys and is logged.
-            let _ = self.control.reload("key API");
+            let _ = self.control.reload(&format!(
+                "key API (ops admin token) from {}",
+                conn.peer.ip()
+            ));
         }
         Ok(json(answer.status, &answer.body))
     }

@@ -6,9 +6,14 @@
 //!    path forwarded;
 //! 3. exactly one credential (400), then authentication (401);
 //! 4. the first route admitting method, path and roles decides (403);
-//! 5. bypass routes only: an active admin key behind the request;
+//! 5. bypass routes only: an active admin key behind the request, and its
+//!    `phase: "start"` audit record durable on disk;
 //! 6. forward with the admin credential, streaming both ways;
-//! 7. clean the response and stream it back.
+//! 7. clean the response and stream it back; its audit record is written when the
+//!    body ends, for every outcome.
+
+mod exchange;
+pub mod metered;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +24,8 @@ use http::header::{HeaderValue, AUTHORIZATION};
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 
-use crate::admin_key::{AdminKeys, Lease};
+use crate::admin_key::AdminKeys;
+use crate::audit::Audit;
 use crate::body::{self, Body};
 use crate::client_keys::{KeyStore, Principal};
 use crate::config::Config;
@@ -28,6 +34,7 @@ use crate::error::ProxyError;
 use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
 use crate::metrics::Metrics;
 use crate::route::{CanonicalPath, PathError};
+pub use exchange::Exchange;
 
 /// Everything one configuration generation decides with; replaced whole on reload.
 pub struct Gateway {
@@ -46,19 +53,6 @@ pub struct ConnInfo {
     pub proto: &'static str,
 }
 
-/// What happened to one request, for the access log (and the audit trail).
-#[derive(Debug, Default)]
-pub struct Exchange {
-    pub client_id: Option<String>,
-    pub key_name: Option<String>,
-    pub route: Option<String>,
-    pub admin_key: bool,
-    pub upstream_status: Option<u16>,
-    pub auth_failure: Option<&'static str>,
-    /// The admin key a bypass request was sent with.
-    pub lease: Option<Lease>,
-}
-
 pub type SiteAdminKeys = AdminKeys<UpstreamAdminApi>;
 
 pub struct Proxy {
@@ -66,6 +60,7 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub admin_keys: Arc<SiteAdminKeys>,
     pub metrics: Arc<Metrics>,
+    pub audit: Option<Audit>,
 }
 
 impl Proxy {
@@ -74,37 +69,43 @@ impl Proxy {
         upstream: Upstream,
         admin_keys: Arc<SiteAdminKeys>,
         metrics: Arc<Metrics>,
+        audit: Option<Audit>,
     ) -> Self {
         Proxy {
             gateway,
             upstream,
             admin_keys,
             metrics,
+            audit,
         }
     }
 
     pub async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
-        let started = Instant::now();
+        // 1. One id for the client, Confluence, the log and the audit record.
         let request_id =
             headers::client_request_id(request.headers()).unwrap_or_else(headers::new_request_id);
-        let method = request.method().clone();
-        let raw_path = request.uri().path().to_owned();
         let gateway = self.gateway.load_full();
-        let mut exchange = Exchange::default();
+        let id_text = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
+        let mut ex = Exchange::new(&request, conn.peer, id_text);
         let response = match self
-            .process(request, conn, &gateway, &request_id, &mut exchange)
+            .process(request, conn, &gateway, &request_id, &mut ex)
             .await
         {
             Ok(response) => response,
             Err(e) => e.to_response(&request_id),
         };
-        let status = response.status().as_u16();
+        self.account(&ex, response.status().as_u16());
+        self.audit_end(ex, response)
+    }
+
+    /// Metrics and the access log line.
+    fn account(&self, ex: &Exchange, status: u16) {
         let class = ["1xx", "2xx", "3xx", "4xx", "5xx"]
             .get(usize::from(status / 100).saturating_sub(1))
             .copied()
             .unwrap_or("other");
-        let bypass = if exchange.admin_key { "true" } else { "false" };
-        let route = exchange.route.as_deref().unwrap_or("none");
+        let bypass = if ex.admin_key { "true" } else { "false" };
+        let route = ex.route.as_deref().unwrap_or("none");
         self.metrics.inc(
             "keygate_requests_total",
             &[("route", route), ("status", class), ("bypass", bypass)],
@@ -112,28 +113,48 @@ impl Proxy {
         self.metrics.observe(
             "keygate_request_duration_seconds",
             &[("bypass", bypass)],
-            started.elapsed().as_secs_f64(),
+            ex.started.elapsed().as_secs_f64(),
         );
-        if let Some(reason) = exchange.auth_failure {
+        if let Some(reason) = ex.auth_failure {
             self.metrics
                 .inc("keygate_auth_failures_total", &[("reason", reason)]);
         }
         tracing::info!(
             target: "keygate::access",
-            request_id = request_id.to_str().unwrap_or(""),
-            peer = %conn.peer,
-            method = %method,
-            path = %raw_path,
-            status = response.status().as_u16(),
-            upstream_status = exchange.upstream_status,
-            client_id = exchange.client_id.as_deref(),
-            route = exchange.route.as_deref(),
-            admin_key = exchange.admin_key,
-            auth_failure = exchange.auth_failure,
-            duration_ms = started.elapsed().as_millis() as u64,
+            request_id = %ex.request_id,
+            peer = %ex.remote_addr,
+            method = %ex.method,
+            path = %ex.path,
+            status,
+            upstream_status = ex.upstream_status,
+            client_id = ex.client_id.as_deref(),
+            route = ex.route.as_deref(),
+            admin_key = ex.admin_key,
+            auth_failure = ex.auth_failure,
+            duration_ms = ex.started.elapsed().as_millis() as u64,
             "request"
         );
-        response
+    }
+
+    /// The `request` record with the outcome, written when the response body ends
+    /// (or the client goes away): every bypass-route request, and the others when
+    /// `record_passthrough` is on. A 401 has its `auth_failure` record instead.
+    fn audit_end(&self, ex: Exchange, response: Response<Body>) -> Response<Body> {
+        let Some(audit) = self.audit.clone() else {
+            return response;
+        };
+        if ex.auth_failure.is_some() || !(ex.bypass_route || audit.record_passthrough) {
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        let status = parts.status.as_u16();
+        let body = metered::OnEnd::new(body, move |bytes_out| {
+            audit.record(
+                "request",
+                ex.request_fields("end", ex.admin_key, Some(status), bytes_out),
+            );
+        });
+        Response::from_parts(parts, body::boxed(body))
     }
 
     async fn process(
@@ -142,26 +163,33 @@ impl Proxy {
         conn: ConnInfo,
         gateway: &Gateway,
         request_id: &HeaderValue,
-        exchange: &mut Exchange,
+        ex: &mut Exchange,
     ) -> Result<Response<Body>, ProxyError> {
         // 2. One spelling of the path, or no forwarding at all.
         let path = canonical_target(&request).map_err(ProxyError::BadPath)?;
+        ex.path = path.as_str().to_owned();
 
         // 3. Two credentials would leave it open which one a server reads.
         if headers::authorization_count(request.headers()) > 1 {
             return Err(ProxyError::DuplicateAuthorization);
         }
-        let principal: Principal = gateway
+        let authenticated = gateway
             .keys
             .authenticate(request.headers().get(AUTHORIZATION), SystemTime::now())
-            .await
-            .map_err(|failure| {
-                exchange.client_id = failure.client_id;
-                exchange.auth_failure = Some(failure.error.reason());
-                ProxyError::Unauthorized
-            })?;
-        exchange.client_id = Some(principal.client_id.clone());
-        exchange.key_name = Some(principal.key_name.clone());
+            .await;
+        let principal: Principal = match authenticated {
+            Ok(p) => p,
+            Err(failure) => {
+                ex.client_id = failure.client_id;
+                ex.auth_failure = Some(failure.error.reason());
+                if let Some(audit) = &self.audit {
+                    audit.record("auth_failure", ex.auth_failure_fields());
+                }
+                return Err(ProxyError::Unauthorized);
+            }
+        };
+        ex.client_id = Some(principal.client_id.clone());
+        ex.key_name = Some(principal.key_name.clone());
 
         // 4. The allow-list: first admitting route, else denied.
         let route = gateway
@@ -169,11 +197,13 @@ impl Proxy {
             .routes
             .decide(request.method(), &path, &principal.roles)
             .ok_or(ProxyError::Forbidden)?;
-        exchange.route = Some(route.name.clone());
+        ex.route = Some(route.name.clone());
+        ex.bypass_route = route.admin_key;
 
-        // 5. A bypass request leaves only with an active admin key behind it; without
-        //    one it is refused, never sent without the bypass (a scanner would
-        //    silently miss restricted pages).
+        // 5. A bypass request leaves only with an active admin key behind it and its
+        //    start record on disk; otherwise it is refused — never sent without the
+        //    bypass (a scanner would silently miss restricted pages) and never sent
+        //    unrecorded.
         if route.admin_key {
             let lease = self.admin_keys.ensure().await.map_err(|u| {
                 tracing::debug!(reason = %u.reason, "bypass refused: no admin key");
@@ -181,8 +211,16 @@ impl Proxy {
                     retry_after: u.retry_after,
                 }
             })?;
-            exchange.lease = Some(lease);
-            exchange.admin_key = true;
+            ex.lease = Some(lease);
+            let audit = self.audit.as_ref().ok_or(ProxyError::AuditUnavailable)?;
+            audit
+                .durable("request", ex.request_fields("start", true, None, 0))
+                .await
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "bypass refused: audit trail unavailable");
+                    ProxyError::AuditUnavailable
+                })?;
+            ex.admin_key = true;
         }
 
         // 6. Forward: the client's credentials and any smuggled bypass go; ours come.
@@ -193,7 +231,7 @@ impl Proxy {
             &UpstreamHeaders {
                 authorization: &gateway.admin_authorization,
                 host: self.upstream.host(),
-                bypass: route.admin_key,
+                bypass: ex.admin_key,
                 request_id,
                 peer: conn.peer,
                 proto: conn.proto,
@@ -204,7 +242,8 @@ impl Proxy {
             .uri(path.as_str(), parts.uri.query())
             .map_err(|_| ProxyError::BadPath(PathError::InvalidCharacter))?;
         parts.version = Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, body::boxed(incoming));
+        let counted = metered::Counted::new(incoming, Arc::clone(&ex.bytes_in));
+        let upstream_request = Request::from_parts(parts, body::boxed(counted));
         let timeout = gateway.config.confluence.request_timeout;
         let sent = Instant::now();
         let response = self
@@ -212,7 +251,7 @@ impl Proxy {
             .send(upstream_request, timeout)
             .await
             .map_err(|e| {
-                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %e, "upstream request failed");
+                tracing::warn!(request_id = %ex.request_id, error = %e, "upstream request failed");
                 match e {
                     UpstreamError::Timeout => ProxyError::UpstreamTimeout,
                     UpstreamError::Unreachable(_) => ProxyError::UpstreamUnreachable,
@@ -223,7 +262,7 @@ impl Proxy {
             &[],
             sent.elapsed().as_secs_f64(),
         );
-        exchange.upstream_status = Some(response.status().as_u16());
+        ex.upstream_status = Some(response.status().as_u16());
 
         // 7. The admin's session cookies never reach a client.
         let (mut parts, incoming) = response.into_parts();

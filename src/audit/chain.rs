@@ -1,0 +1,161 @@
+//! The line format and the hash chain, as pure functions.
+//!
+//! A record is serialised once into bytes B — `{"ts":…,"seq":…,"event":…,"prev":…,
+//! <event fields>}` — and written as B with its final `}` replaced by
+//! `,"hash":"<hex SHA-256 of B>"}`. `prev` is the hex SHA-256 of the previous line's
+//! bytes without its newline (64 zeros for the very first record).
+
+use sha2::{Digest as _, Sha256};
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0F)]));
+    }
+    s
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Encodes one line (without newline). Values are JSON-encoded by serde_json, so
+/// client-controlled strings are escaped, never spliced in.
+pub fn encode(
+    ts: &str,
+    seq: u64,
+    event: &str,
+    prev: &str,
+    fields: &[(&'static str, serde_json::Value)],
+) -> String {
+    let mut b = String::with_capacity(256);
+    b.push_str("{\"ts\":");
+    b.push_str(&serde_json::Value::from(ts).to_string());
+    b.push_str(&format!(",\"seq\":{seq},\"event\":"));
+    b.push_str(&serde_json::Value::from(event).to_string());
+    b.push_str(",\"prev\":\"");
+    b.push_str(prev);
+    b.push('"');
+    for (name, value) in fields {
+        b.push_str(",\"");
+        b.push_str(name);
+        b.push_str("\":");
+        b.push_str(&value.to_string());
+    }
+    b.push('}');
+    let hash = sha256_hex(b.as_bytes());
+    b.pop();
+    b.push_str(",\"hash\":\"");
+    b.push_str(&hash);
+    b.push_str("\"}");
+    b
+}
+
+/// Why a line does not check out on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineError {
+    NotJson,
+    NoHash,
+    HashMismatch,
+    MissingField(&'static str),
+}
+
+/// What verification needs from a line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub seq: u64,
+    pub prev: String,
+    /// SHA-256 of the whole line: what the next record's `prev` must be.
+    pub line_hash: String,
+}
+
+/// Checks a line's own hash and reads `seq` and `prev`.
+pub fn check_line(line: &str) -> Result<Checked, LineError> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|_| LineError::NotJson)?;
+    if line.len() < HASH_SUFFIX_LEN || !line.ends_with("\"}") {
+        return Err(LineError::NoHash);
+    }
+    let cut = line.len() - HASH_SUFFIX_LEN;
+    let suffix = &line[cut..];
+    if !suffix.starts_with(r#","hash":""#) {
+        return Err(LineError::NoHash);
+    }
+    let claimed = &suffix[r#","hash":""#.len()..suffix.len() - 2];
+    let mut body = String::with_capacity(cut + 1);
+    body.push_str(&line[..cut]);
+    body.push('}');
+    if sha256_hex(body.as_bytes()) != claimed
+        || value.get("hash").and_then(|h| h.as_str()) != Some(claimed)
+    {
+        return Err(LineError::HashMismatch);
+    }
+    let seq = value
+        .get("seq")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or(LineError::MissingField("seq"))?;
+    let prev = value
+        .get("prev")
+        .and_then(serde_json::Value::as_str)
+        .ok_or(LineError::MissingField("prev"))?
+        .to_owned();
+    Ok(Checked {
+        seq,
+        prev,
+        line_hash: sha256_hex(line.as_bytes()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_lines_check_out_and_any_edit_breaks_them() {
+        let fields = [
+            (
+                "path",
+                serde_json::Value::from("/wiki/\"quoted\"\n\u{2028}"),
+            ),
+            ("status", serde_json::Value::Null),
+        ];
+        let line = encode("2026-11-23T10:00:00.000Z", 1, "request", GENESIS, &fields);
+        assert!(line.ends_with("\"}"));
+        assert!(!line.contains('\n'));
+        let checked = check_line(&line).unwrap();
+        assert_eq!(checked.seq, 1);
+        assert_eq!(checked.prev, GENESIS);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["path"], "/wiki/\"quoted\"\n\u{2028}");
+        // The hash is the last member and covers everything before it.
+        let keys: Vec<&str> = line
+            .match_indices("\":")
+            .map(|(i, _)| &line[..i])
+            .map(|s| s.rsplit('"').next().unwrap())
+            .collect();
+        assert_eq!(keys.last(), Some(&"hash"));
+        for i in 0..line.len() {
+            let mut bytes = line.clone().into_bytes();
+            bytes[i] ^= 0x01;
+            if let Ok(edited) = String::from_utf8(bytes) {
+                assert!(
+                    check_line(&edited).is_err(),
+                    "edit at byte {i} went unnoticed: {edited}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_lines() {
+        assert_eq!(check_line("not json"), Err(LineError::NotJson));
+        assert_eq!(check_line("{\"seq\":1}"), Err(LineError::NoHash));
+        let line = encode("t", 3, "startup", GENESIS, &[]);
+        let truncated = &line[..line.len() - 5];
+        assert!(check_line(truncated).is_err());
+    }
+}
