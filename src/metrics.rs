@@ -52,6 +52,26 @@ const HELP: &[(&str, &str, &str)] = &[
         "gauge",
         "Open client connections on the proxy listener.",
     ),
+    (
+        "keygate_audit_records_total",
+        "counter",
+        "Audit records written.",
+    ),
+    (
+        "keygate_audit_fsyncs_total",
+        "counter",
+        "Fsyncs of the audit trail (group commit: several records per fsync).",
+    ),
+    (
+        "keygate_audit_fsync_seconds",
+        "histogram",
+        "Fsync latency of the audit trail.",
+    ),
+    (
+        "keygate_audit_errors_total",
+        "counter",
+        "Audit batches that could not be written.",
+    ),
 ];
 
 #[derive(Debug, Default, Clone)]

@@ -67,7 +67,7 @@ async fn a_fresh_trail_verifies_and_the_chain_continues_across_restarts() {
     assert_eq!(recovery.next_seq, 6, "seq continues after a restart");
     write_n(&audit, 5).await;
     stop(audit, thread).await;
-    let report = verify(&[path.clone()]).unwrap();
+    let report = verify(std::slice::from_ref(&path)).unwrap();
     assert_eq!(report.records, 10);
     assert_eq!((report.first_seq, report.last_seq), (Some(1), Some(10)));
     assert!(report.warnings.is_empty());
@@ -99,7 +99,7 @@ async fn rotation_keeps_the_chain_and_prunes_beyond_keep() {
         );
     }
     // Given as a directory, or as files in any order: the chain is followed.
-    let report = verify(&[d.clone()]).unwrap();
+    let report = verify(std::slice::from_ref(&d)).unwrap();
     assert_eq!(report.last_seq, Some(100));
     assert!(
         report.first_seq.unwrap() > 1,
@@ -140,7 +140,7 @@ async fn verify_names_the_first_broken_line() {
     let mut edited = original.clone();
     edited[3] = edited[3].replacen("/wiki/x", "/wiki/y", 1);
     write(&edited);
-    let err = verify(&[path.clone()]).unwrap_err();
+    let err = verify(std::slice::from_ref(&path)).unwrap_err();
     assert_eq!(err.line, 4, "{err}");
     assert!(err.why.contains("edited"), "{err}");
 
@@ -148,7 +148,7 @@ async fn verify_names_the_first_broken_line() {
     let mut deleted = original.clone();
     deleted.remove(5);
     write(&deleted);
-    let err = verify(&[path.clone()]).unwrap_err();
+    let err = verify(std::slice::from_ref(&path)).unwrap_err();
     assert_eq!(err.line, 6, "{err}");
     assert!(err.why.contains("deleted"), "{err}");
 
@@ -156,7 +156,7 @@ async fn verify_names_the_first_broken_line() {
     let mut swapped = original.clone();
     swapped.swap(6, 7);
     write(&swapped);
-    let err = verify(&[path.clone()]).unwrap_err();
+    let err = verify(std::slice::from_ref(&path)).unwrap_err();
     assert_eq!(err.line, 7, "{err}");
     assert!(err.why.contains("reordered"), "{err}");
     assert!(err
@@ -166,7 +166,7 @@ async fn verify_names_the_first_broken_line() {
     // The last line deleted is undetectable by the chain alone — but re-hashing a
     // forged record is not: its prev and seq must still fit.
     write(&original);
-    assert!(verify(&[path.clone()]).is_ok());
+    assert!(verify(std::slice::from_ref(&path)).is_ok());
 }
 
 #[tokio::test]
@@ -179,7 +179,7 @@ async fn a_torn_last_line_is_cut_at_start_and_a_warning_for_verify() {
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str("{\"ts\":\"2026-11-23T10:00:00.000Z\",\"seq\":4,\"ev");
     std::fs::write(&path, &text).unwrap();
-    let report = verify(&[path.clone()]).unwrap();
+    let report = verify(std::slice::from_ref(&path)).unwrap();
     assert_eq!(report.records, 3);
     assert_eq!(report.warnings.len(), 1, "{report:?}");
     assert!(
@@ -199,7 +199,7 @@ async fn a_torn_last_line_is_cut_at_start_and_a_warning_for_verify() {
         .await
         .unwrap();
     stop(audit, thread).await;
-    let report = verify(&[path.clone()]).unwrap();
+    let report = verify(std::slice::from_ref(&path)).unwrap();
     assert_eq!(report.records, 4);
     assert!(report.warnings.is_empty());
 }

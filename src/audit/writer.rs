@@ -25,6 +25,13 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// How many queued records one batch takes at most.
 const MAX_BATCH: usize = 1024;
 
+type Fields = Vec<(&'static str, serde_json::Value)>;
+type Pending = (
+    &'static str,
+    Fields,
+    Option<oneshot::Sender<Result<(), AuditError>>>,
+);
+
 pub enum Job {
     Write {
         event: &'static str,
@@ -136,14 +143,7 @@ impl Writer {
         let _ = self.sync();
     }
 
-    fn write_batch(
-        &mut self,
-        records: Vec<(
-            &'static str,
-            Vec<(&'static str, serde_json::Value)>,
-            Option<oneshot::Sender<Result<(), AuditError>>>,
-        )>,
-    ) {
+    fn write_batch(&mut self, records: Vec<Pending>) {
         let mut text = String::with_capacity(records.len() * 512);
         let (mut seq, mut prev) = (self.seq, self.prev.clone());
         let ts = now_ts();

@@ -41,6 +41,8 @@ pub struct Setup {
     pub listen_tls: Option<(PathBuf, PathBuf)>,
     /// Enables the key API on the ops listener.
     pub admin_token: Option<String>,
+    /// The whole `audit:` section.
+    pub audit: String,
 }
 
 impl Default for Setup {
@@ -52,6 +54,7 @@ impl Default for Setup {
             confluence_extra: String::new(),
             listen_tls: None,
             admin_token: None,
+            audit: "audit:\n  path: audit.jsonl\n".to_owned(),
         }
     }
 }
@@ -96,8 +99,8 @@ impl Harness {
             None => String::new(),
         };
         let config = format!(
-            "listen:\n  address: 127.0.0.1:0\n{tls}ops:\n  address: 127.0.0.1:0\n{admin_token}confluence:\n  base_url: {base_url}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\n{}clients:\n  keys_file: keys.yaml\n{}audit:\n  path: audit.jsonl\n{}",
-            setup.confluence_extra, setup.routes, setup.extra
+            "listen:\n  address: 127.0.0.1:0\n{tls}ops:\n  address: 127.0.0.1:0\n{admin_token}confluence:\n  base_url: {base_url}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\n{}clients:\n  keys_file: keys.yaml\n{}{}{}",
+            setup.confluence_extra, setup.routes, setup.audit, setup.extra
         );
         let file = dir.join("keygate.yaml");
         std::fs::write(&file, config).unwrap();
