@@ -151,3 +151,56 @@ async fn sigkill_under_load_leaves_a_start_record_for_every_bypass_that_left() {
         assert!(!logs.contains(&secret), "a secret is in the logs");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_to_standard_output_is_a_verifiable_chain() {
+    let state = Arc::new(StandinState::new(ADMIN_EMAIL, ADMIN_TOKEN));
+    let standin = Standin::start_with(Arc::clone(&state)).await.unwrap();
+    let dir = support::temp_dir("stdout");
+    let mut keys = keygate::dev::write_demo_keys(&dir.join("keys.yaml")).unwrap();
+    let _reader = keys.pop().unwrap();
+    let scanner = keys.pop().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = format!(
+        "listen:\n  address: 127.0.0.1:{port}\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\nclients:\n  keys_file: keys.yaml\n{}audit:\n  path: \"-\"\n",
+        standin.base_url(),
+        keygate::dev::DEV_ROUTES
+    );
+    std::fs::write(dir.join("keygate.yaml"), config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["run", "--config"])
+        .arg(dir.join("keygate.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "keygate did not start");
+    let reply = support::client::get(&format!("http://127.0.0.1:{port}{RESTRICTED}"), &[("Authorization", &scanner.basic())]).await;
+    assert_eq!(reply.status, 200);
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "SIGTERM ends keygate with 0");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let events: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(events.first().map(String::as_str), Some("startup"));
+    assert_eq!(events.last().map(String::as_str), Some("shutdown"));
+    assert!(events.iter().filter(|e| *e == "request").count() == 2, "{events:?}");
+    let file = dir.join("captured.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    assert!(keygate::audit::verify::verify(&[file]).is_ok());
+}
