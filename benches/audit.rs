@@ -20,21 +20,34 @@ const ROUTES: &str = r#"routes:
 "#;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(run());
 }
 
 async fn run() {
     let total = common::env_or("REQUESTS", 4000);
     let rounds = common::env_or("ROUNDS", 2);
-    let b = common::start(ROUTES, "audit:\n  path: audit.jsonl\n  rotate_size: 1GiB\n  record_passthrough: false\n").await;
+    let b = common::start(
+        ROUTES,
+        "audit:\n  path: audit.jsonl\n  rotate_size: 1GiB\n  record_passthrough: false\n",
+    )
+    .await;
     let bypass_url = format!("http://{}/wiki/api/v2/pages/2001", b.addr);
     let plain_url = format!("http://{}/wiki/api/v2/spaces", b.addr);
     let scanner = common::basic(&b.scanner);
     let metrics = b.control.metrics();
     common::load(&bypass_url, &scanner, 200, 8).await;
-    println!("audit: {total} requests per run (1 client: {} ), {rounds} rounds; same process, same key", total / 8);
-    println!("{:>8} {:>14} {:>14} {:>8} {:>16}", "clients", "bypass req/s", "plain req/s", "ratio", "fsyncs/bypass");
+    println!(
+        "audit: {total} requests per run (1 client: {} ), {rounds} rounds; same process, same key",
+        total / 8
+    );
+    println!(
+        "{:>8} {:>14} {:>14} {:>8} {:>16}",
+        "clients", "bypass req/s", "plain req/s", "ratio", "fsyncs/bypass"
+    );
     for clients in [1usize, 32, 256] {
         let n = if clients == 1 { total / 8 } else { total };
         let n = n - n % clients;
@@ -46,8 +59,15 @@ async fn run() {
             per_request.push(fsyncs as f64 / n as f64);
             plain.push(common::load(&plain_url, &scanner, n, clients).await);
         }
-        let (bp, pl, fs) = (common::median(&mut bypass), common::median(&mut plain), common::median(&mut per_request));
-        println!("{clients:>8} {bp:>14.0} {pl:>14.0} {:>7.2}x {fs:>16.3}", bp / pl);
+        let (bp, pl, fs) = (
+            common::median(&mut bypass),
+            common::median(&mut plain),
+            common::median(&mut per_request),
+        );
+        println!(
+            "{clients:>8} {bp:>14.0} {pl:>14.0} {:>7.2}x {fs:>16.3}",
+            bp / pl
+        );
     }
     let trail = b.dir.join("audit.jsonl");
     let report = keygate::audit::verify::verify(&[trail]).unwrap();

@@ -64,8 +64,7 @@ impl Gateway {
     /// Builds a generation from a validated config, reading its keys file.
     pub fn build(config: Config, argon2_runs: Arc<AtomicU64>) -> Result<Gateway, ConfigErrors> {
         // Taken before the keys file is read: a change racing the read is seen next poll.
-        let loaded_files =
-            config::reload::fingerprint(&[config.file.clone(), config.clients.keys_file.clone()]);
+        let loaded_files = config::reload::fingerprint(&watched_files(&config));
         let (_, keys) = client_keys::file::read(&config.clients.keys_file)?;
         let keys = KeyStore::new(keys, config.clients.verify_cache_ttl, argon2_runs);
         let admin_authorization = confluence::admin_authorization(
@@ -82,10 +81,7 @@ impl Gateway {
 
     /// The files whose changes trigger a reload.
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        vec![
-            self.config.file.clone(),
-            self.config.clients.keys_file.clone(),
-        ]
+        watched_files(&self.config)
     }
 }
 
@@ -95,6 +91,8 @@ pub struct Control {
     proxy: Arc<Proxy>,
     argon2_runs: Arc<AtomicU64>,
     pub readiness: Arc<Readiness>,
+    /// The listener's certificate, reloaded with everything else.
+    cert: Option<Arc<tls::ReloadingCert>>,
 }
 
 impl Control {
@@ -127,8 +125,14 @@ impl Control {
         }));
     }
 
-    /// Re-reads config and keys; applies them only if all is valid.
+    /// Re-reads config, keys and the listener's certificate; applies config and
+    /// keys only if all is valid (a bad certificate keeps the old one, logged).
     pub fn reload(&self, trigger: &str) -> Result<(), ConfigErrors> {
+        if let Some(cert) = &self.cert {
+            if let Err(e) = cert.reload() {
+                tracing::error!(trigger, error = %e, "TLS certificate reload refused; the previous one stays");
+            }
+        }
         let old = self.gateway();
         let result = config::load(&old.config.file)
             .and_then(|config| Gateway::build(config, Arc::clone(&self.argon2_runs)));
@@ -181,6 +185,16 @@ impl Control {
     }
 }
 
+/// Config file, keys file, and the listener's certificate and key.
+fn watched_files(config: &Config) -> Vec<PathBuf> {
+    let mut files = vec![config.file.clone(), config.clients.keys_file.clone()];
+    if let Some(tls) = &config.listen.tls {
+        files.push(tls.cert.clone());
+        files.push(tls.key.clone());
+    }
+    files
+}
+
 /// Settings that belong to listeners and connections made at start.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
@@ -228,11 +242,14 @@ impl App {
     pub async fn bind(config: Config) -> Result<App, StartError> {
         let argon2_runs = Arc::new(AtomicU64::new(0));
         let upstream = Upstream::new(&config.confluence)?;
-        let tls = match &config.listen.tls {
-            Some(files) => Some(TlsAcceptor::from(tls::server_config(
-                &files.cert,
-                &files.key,
-            )?)),
+        let cert = match &config.listen.tls {
+            Some(files) => Some(tls::ReloadingCert::load(&files.cert, &files.key)?),
+            None => None,
+        };
+        let tls = match &cert {
+            Some(cert) => Some(TlsAcceptor::from(tls::server_config_with(Arc::clone(
+                cert,
+            ))?)),
             None => None,
         };
         let listener = bind("listen.address", config.listen.address).await?;
@@ -283,6 +300,7 @@ impl App {
                 proxy,
                 argon2_runs,
                 readiness,
+                cert,
             },
             audit: audit_thread,
             listener,

@@ -179,27 +179,48 @@ async fn audit_to_standard_output_is_a_verifiable_chain() {
         .unwrap();
     let mut up = false;
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             up = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(up, "keygate did not start");
-    let reply = support::client::get(&format!("http://127.0.0.1:{port}{RESTRICTED}"), &[("Authorization", &scanner.basic())]).await;
+    let reply = support::client::get(
+        &format!("http://127.0.0.1:{port}{RESTRICTED}"),
+        &[("Authorization", &scanner.basic())],
+    )
+    .await;
     assert_eq!(reply.status, 200);
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
     assert!(out.status.success(), "SIGTERM ends keygate with 0");
     let text = String::from_utf8(out.stdout).unwrap();
     let events: Vec<String> = text
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].as_str().unwrap().to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(events.first().map(String::as_str), Some("startup"));
     assert_eq!(events.last().map(String::as_str), Some("shutdown"));
-    assert!(events.iter().filter(|e| *e == "request").count() == 2, "{events:?}");
+    assert!(
+        events.iter().filter(|e| *e == "request").count() == 2,
+        "{events:?}"
+    );
     let file = dir.join("captured.jsonl");
     std::fs::write(&file, &text).unwrap();
     assert!(keygate::audit::verify::verify(&[file]).is_ok());

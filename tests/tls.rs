@@ -141,3 +141,34 @@ async fn upstream_with_an_untrusted_certificate_is_unreachable() {
     assert!(h.forwarded().is_empty());
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_rotated_listener_certificate_is_served_without_a_restart() {
+    let old = make_pki();
+    let h = Harness::start_with(Setup {
+        listen_tls: Some((old.cert_pem.clone(), old.key_pem.clone())),
+        ..Default::default()
+    })
+    .await;
+    let handshake = |pki: &Pki| {
+        let connector = client_tls(pki, &[b"http/1.1"]);
+        let addr = h.addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await.is_ok()
+        }
+    };
+    assert!(handshake(&old).await);
+    let new = make_pki();
+    std::fs::copy(&new.cert_pem, &old.cert_pem).unwrap();
+    std::fs::copy(&new.key_pem, &old.key_pem).unwrap();
+    h.control.reload("test").unwrap();
+    assert!(handshake(&new).await, "the new certificate is served");
+    assert!(!handshake(&old).await, "the old one is gone");
+    // A broken pair keeps the current certificate.
+    std::fs::write(&old.key_pem, "not a key").unwrap();
+    let _ = h.control.reload("test");
+    assert!(handshake(&new).await);
+    h.stop().await;
+}
