@@ -46,7 +46,7 @@ pub async fn start(routes: &str, extra: &str) -> Bench {
     let reader = keys.pop().unwrap();
     let scanner = keys.pop().unwrap();
     let config = format!(
-        "listen:\n  address: 127.0.0.1:0\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: admin@bench\n  api_token: bench-token\nadmin_key:\n  idle_disable_after: never\n  disable_on_shutdown: false\nclients:\n  keys_file: keys.yaml\nlimits:\n  max_connections: 4096\n{routes}{extra}",
+        "listen:\n  address: 127.0.0.1:0\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: admin@bench\n  api_token: bench-token\nadmin_key:\n  idle_disable_after: never\n  disable_on_shutdown: false\nclients:\n  keys_file: keys.yaml\nlimits:\n  max_connections: 4096\n  per_client_rps: 0\n{routes}{extra}",
         standin.base_url()
     );
     let file = dir.join("keygate.yaml");

@@ -30,6 +30,10 @@ pub enum ProxyError {
     AuditUnavailable,
     #[error("not found")]
     NotFound,
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    #[error("Confluence asked to back off")]
+    UpstreamBackoff { retry_after: Duration },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("the admin token is required")]
@@ -49,6 +53,9 @@ impl ProxyError {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::RateLimited { .. } | ProxyError::UpstreamBackoff { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
@@ -70,6 +77,8 @@ impl ProxyError {
             ProxyError::Unauthorized => "unauthorized",
             ProxyError::Forbidden => "forbidden",
             ProxyError::NotFound => "not_found",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::UpstreamBackoff { .. } => "upstream_backoff",
             ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::AdminUnauthorized => "unauthorized",
             ProxyError::InvalidRequest(_) => "invalid_request",
@@ -94,6 +103,12 @@ impl ProxyError {
             }
             ProxyError::Forbidden => "no route allows this request for this key".to_owned(),
             ProxyError::NotFound => "no such resource".to_owned(),
+            ProxyError::RateLimited { .. } => {
+                "this key sends more requests per second than allowed; retry later".to_owned()
+            }
+            ProxyError::UpstreamBackoff { .. } => {
+                "Confluence asked keygate to slow down; retry after the time given".to_owned()
+            }
             ProxyError::MethodNotAllowed => "this method is not allowed here".to_owned(),
             ProxyError::AdminUnauthorized => "send Authorization: Bearer <ops.admin_token>".to_owned(),
             ProxyError::InvalidRequest(m) => m.clone(),
@@ -114,7 +129,9 @@ impl ProxyError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ProxyError::AdminKeyUnavailable { retry_after } => Some(*retry_after),
+            ProxyError::AdminKeyUnavailable { retry_after }
+            | ProxyError::RateLimited { retry_after }
+            | ProxyError::UpstreamBackoff { retry_after } => Some(*retry_after),
             ProxyError::AuditUnavailable => Some(Duration::from_secs(5)),
             _ => None,
         }

@@ -13,6 +13,7 @@
 //!    body ends, for every outcome.
 
 mod exchange;
+mod limits;
 pub mod metered;
 
 use std::net::SocketAddr;
@@ -61,6 +62,8 @@ pub struct Proxy {
     pub admin_keys: Arc<SiteAdminKeys>,
     pub metrics: Arc<Metrics>,
     pub audit: Option<Audit>,
+    rate_limiter: limits::RateLimiter,
+    upstream_backoff: limits::UpstreamBackoff,
 }
 
 impl Proxy {
@@ -77,6 +80,8 @@ impl Proxy {
             admin_keys,
             metrics,
             audit,
+            rate_limiter: limits::RateLimiter::default(),
+            upstream_backoff: limits::UpstreamBackoff::default(),
         }
     }
 
@@ -190,6 +195,11 @@ impl Proxy {
         };
         ex.client_id = Some(principal.client_id.clone());
         ex.key_name = Some(principal.key_name.clone());
+        let limits = &gateway.config.limits;
+        let now = tokio::time::Instant::now();
+        self.rate_limiter
+            .take(&principal.client_id, limits.per_client_rps, now)
+            .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
 
         // 4. The allow-list: first admitting route, else denied.
         let route = gateway
@@ -199,6 +209,11 @@ impl Proxy {
             .ok_or(ProxyError::Forbidden)?;
         ex.route = Some(route.name.clone());
         ex.bypass_route = route.admin_key;
+        if limits.upstream_backoff {
+            if let Some(retry_after) = self.upstream_backoff.remaining(now) {
+                return Err(ProxyError::UpstreamBackoff { retry_after });
+            }
+        }
 
         // 5. A bypass request leaves only with an active admin key behind it and its
         //    start record on disk; otherwise it is refused — never sent without the
@@ -263,6 +278,21 @@ impl Proxy {
             sent.elapsed().as_secs_f64(),
         );
         ex.upstream_status = Some(response.status().as_u16());
+        if matches!(response.status().as_u16(), 429 | 503) {
+            let after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| crate::confluence::parse_retry_after(v, None));
+            if let Some(after) = after {
+                tracing::warn!(
+                    retry_after_s = after.as_secs(),
+                    "Confluence asked to back off; holding all clients"
+                );
+                self.upstream_backoff
+                    .hold(tokio::time::Instant::now(), after);
+            }
+        }
 
         // 7. The admin's session cookies never reach a client.
         let (mut parts, incoming) = response.into_parts();

@@ -51,7 +51,7 @@ async fn restricted_page_is_readable_only_through_the_bypass_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_first_bypass_requests_cause_one_post_and_no_failure() {
     let h = Harness::start_with(Setup {
-        extra: "limits:\n  max_connections: 1024\n".into(),
+        extra: "limits:\n  max_connections: 1024\n  per_client_rps: 0\n".into(),
         ..Default::default()
     })
     .await;

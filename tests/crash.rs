@@ -35,7 +35,7 @@ async fn sigkill_under_load_leaves_a_start_record_for_every_bypass_that_left() {
         l.local_addr().unwrap().port()
     };
     let config = format!(
-        "listen:\n  address: 127.0.0.1:{port}\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\nclients:\n  keys_file: keys.yaml\n{}audit:\n  path: audit.jsonl\n",
+        "listen:\n  address: 127.0.0.1:{port}\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\nclients:\n  keys_file: keys.yaml\n{}audit:\n  path: audit.jsonl\nlimits:\n  per_client_rps: 0\n",
         standin.base_url(),
         keygate::dev::DEV_ROUTES
     );

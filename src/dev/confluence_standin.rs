@@ -591,6 +591,20 @@ async fn route(state: &StandinState, request: Request<Incoming>) -> Response<Bod
             StatusCode::OK,
             serde_json::json!({"version": format!("{:?}", request.version())}).to_string(),
         ),
+        (Method::GET, ["wiki", "rate-limited"]) => {
+            let after = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("after="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(30);
+            let mut r = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                r#"{"message":"Rate limit exceeded"}"#.into(),
+            );
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(after));
+            r
+        }
         (Method::GET, ["wiki", "redirect"]) => {
             let mut r = json(StatusCode::FOUND, "{}".into());
             r.headers_mut().insert(

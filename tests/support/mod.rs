@@ -33,7 +33,8 @@ pub struct Harness {
 /// What a test can change about the setup.
 pub struct Setup {
     pub routes: String,
-    /// Extra top-level YAML appended to the config (sections other than the defaults).
+    /// Extra top-level YAML appended to the config; by default it turns the
+    /// per-client rate limit off, so tests about other things can send bursts.
     pub extra: String,
     /// Replaces the `confluence:` section's base_url.
     pub base_url: Option<String>,
@@ -49,7 +50,7 @@ impl Default for Setup {
     fn default() -> Self {
         Setup {
             routes: keygate::dev::DEV_ROUTES.to_owned(),
-            extra: String::new(),
+            extra: "limits:\n  per_client_rps: 0\n".to_owned(),
             base_url: None,
             confluence_extra: String::new(),
             listen_tls: None,
