@@ -28,6 +28,15 @@ pub struct Bench {
     pub standin: Standin,
 }
 
+/// Runs a benchmark on a multi-threaded runtime.
+pub fn block_on(f: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(f);
+}
+
 pub fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -22,47 +22,85 @@ const RESTRICTED: &str = "/wiki/api/v2/pages/2001";
 const CLIENTS: usize = 32;
 const REQUESTS: usize = 2000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_under_load_leaves_a_start_record_for_every_bypass_that_left() {
+/// keygate running as its own process in front of an in-process stand-in.
+struct Process {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+    scanner: keygate::dev::DemoKey,
+    state: Arc<StandinState>,
+    _standin: Standin,
+}
+
+/// Starts `keygate run` with the given `audit:` section; stdout/stderr as given.
+async fn spawn_keygate(tag: &str, audit: &str, stdout: Stdio, stderr: Stdio) -> Process {
     let state = Arc::new(StandinState::new(ADMIN_EMAIL, ADMIN_TOKEN));
     let standin = Standin::start_with(Arc::clone(&state)).await.unwrap();
-    let dir = support::temp_dir("crash");
+    let dir = support::temp_dir(tag);
     let mut keys = keygate::dev::write_demo_keys(&dir.join("keys.yaml")).unwrap();
-    let _reader = keys.pop().unwrap();
+    keys.pop();
     let scanner = keys.pop().unwrap();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let config = format!(
-        "listen:\n  address: 127.0.0.1:{port}\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\nclients:\n  keys_file: keys.yaml\n{}audit:\n  path: audit.jsonl\nlimits:\n  per_client_rps: 0\n",
+        "listen:\n  address: 127.0.0.1:{port}\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\nclients:\n  keys_file: keys.yaml\n{}{audit}limits:\n  per_client_rps: 0\n",
         standin.base_url(),
         keygate::dev::DEV_ROUTES
     );
     std::fs::write(dir.join("keygate.yaml"), config).unwrap();
-    let log = std::fs::File::create(dir.join("keygate.log")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(["--log-format", "json", "run", "--config"])
         .arg(dir.join("keygate.yaml"))
         .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(log)
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .unwrap();
     // Ready when it accepts connections (bounded).
-    let mut ready = false;
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            ready = true;
-            break;
+            return Process {
+                child,
+                port,
+                dir,
+                scanner,
+                state,
+                _standin: standin,
+            };
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(ready, "keygate did not start");
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("keygate did not start");
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_leaves_a_start_record_for_every_bypass_that_left() {
+    let log = std::fs::File::create(
+        std::env::temp_dir().join(format!("keygate-crash-{}.log", std::process::id())),
+    )
+    .unwrap();
+    let Process {
+        mut child,
+        port,
+        dir,
+        scanner,
+        state,
+        _standin,
+    } = spawn_keygate(
+        "crash",
+        "audit:\n  path: audit.jsonl\n",
+        Stdio::null(),
+        Stdio::from(log),
+    )
+    .await;
+    let log_path = std::env::temp_dir().join(format!("keygate-crash-{}.log", std::process::id()));
     let url = format!("http://127.0.0.1:{port}{RESTRICTED}");
     let auth = scanner.basic();
     let done = Arc::new(AtomicUsize::new(0));
@@ -137,7 +175,7 @@ async fn sigkill_under_load_leaves_a_start_record_for_every_bypass_that_left() {
     );
     assert!(report.starts_with("ok: "), "{report}");
 
-    let logs = std::fs::read_to_string(dir.join("keygate.log")).unwrap();
+    let logs = std::fs::read_to_string(&log_path).unwrap();
     assert!(logs.contains("keygate listening"), "logs were captured");
     let b64 = |s: String| s.trim_start_matches("Basic ").to_owned();
     for secret in [
@@ -154,41 +192,19 @@ async fn sigkill_under_load_leaves_a_start_record_for_every_bypass_that_left() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_to_standard_output_is_a_verifiable_chain() {
-    let state = Arc::new(StandinState::new(ADMIN_EMAIL, ADMIN_TOKEN));
-    let standin = Standin::start_with(Arc::clone(&state)).await.unwrap();
-    let dir = support::temp_dir("stdout");
-    let mut keys = keygate::dev::write_demo_keys(&dir.join("keys.yaml")).unwrap();
-    let _reader = keys.pop().unwrap();
-    let scanner = keys.pop().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let config = format!(
-        "listen:\n  address: 127.0.0.1:{port}\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\nclients:\n  keys_file: keys.yaml\n{}audit:\n  path: \"-\"\n",
-        standin.base_url(),
-        keygate::dev::DEV_ROUTES
-    );
-    std::fs::write(dir.join("keygate.yaml"), config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["run", "--config"])
-        .arg(dir.join("keygate.yaml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut up = false;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(up, "keygate did not start");
+    let Process {
+        child,
+        port,
+        dir,
+        scanner,
+        ..
+    } = spawn_keygate(
+        "stdout",
+        "audit:\n  path: \"-\"\n",
+        Stdio::piped(),
+        Stdio::null(),
+    )
+    .await;
     let reply = support::client::get(
         &format!("http://127.0.0.1:{port}{RESTRICTED}"),
         &[("Authorization", &scanner.basic())],

@@ -245,6 +245,13 @@ async fn argon2_runs_once_for_a_thousand_requests_and_a_wrong_secret_still_fails
     h.stop().await;
 }
 
+async fn status(h: &Harness, auth: &str) -> u16 {
+    get(&h.url(PAGE), &[("Authorization", auth)])
+        .await
+        .status
+        .as_u16()
+}
+
 fn bearer() -> String {
     format!("Bearer {ADMIN_TOKEN}")
 }
@@ -338,15 +345,7 @@ async fn key_api_creates_lists_revokes_and_regenerates() {
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["is_valid"], false);
-    assert_eq!(
-        get(
-            &h.url(PAGE),
-            &[("Authorization", &basic(&client_id, &secret))]
-        )
-        .await
-        .status,
-        401
-    );
+    assert_eq!(status(&h, &basic(&client_id, &secret)).await, 401);
 
     let reply = send(
         "PUT",
@@ -358,24 +357,8 @@ async fn key_api_creates_lists_revokes_and_regenerates() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["client_id"], client_id.as_str());
     let new_secret = reply.json()["client_secret"].as_str().unwrap().to_owned();
-    assert_eq!(
-        get(
-            &h.url(PAGE),
-            &[("Authorization", &basic(&client_id, &secret))]
-        )
-        .await
-        .status,
-        401
-    );
-    assert_eq!(
-        get(
-            &h.url(PAGE),
-            &[("Authorization", &basic(&client_id, &new_secret))]
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(status(&h, &basic(&client_id, &secret)).await, 401);
+    assert_eq!(status(&h, &basic(&client_id, &new_secret)).await, 200);
 
     let bad = send(
         "POST",

@@ -46,6 +46,18 @@ fn make_pki() -> Pki {
     pki
 }
 
+/// The stand-in serving TLS with the test PKI's leaf certificate.
+async fn tls_standin(pki: &Pki) -> Standin {
+    let config = keygate::tls::server_config(&pki.cert_pem, &pki.key_pem).unwrap();
+    let state = Arc::new(StandinState::new(
+        support::ADMIN_EMAIL,
+        support::ADMIN_TOKEN,
+    ));
+    Standin::start_tls(state, tokio_rustls::TlsAcceptor::from(config))
+        .await
+        .unwrap()
+}
+
 fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).unwrap();
@@ -63,14 +75,7 @@ fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
 #[tokio::test]
 async fn tls_listener_negotiates_h2_by_alpn_and_upstream_tls_uses_the_extra_ca() {
     let pki = make_pki();
-    let standin_tls = keygate::tls::server_config(&pki.cert_pem, &pki.key_pem).unwrap();
-    let state = Arc::new(StandinState::new(
-        support::ADMIN_EMAIL,
-        support::ADMIN_TOKEN,
-    ));
-    let standin = Standin::start_tls(state, tokio_rustls::TlsAcceptor::from(standin_tls))
-        .await
-        .unwrap();
+    let standin = tls_standin(&pki).await;
     let port = standin.addr.port();
     let h = Harness::start_in_front_of(
         standin,
@@ -118,14 +123,7 @@ async fn tls_listener_negotiates_h2_by_alpn_and_upstream_tls_uses_the_extra_ca()
 #[tokio::test]
 async fn upstream_with_an_untrusted_certificate_is_unreachable() {
     let pki = make_pki();
-    let standin_tls = keygate::tls::server_config(&pki.cert_pem, &pki.key_pem).unwrap();
-    let state = Arc::new(StandinState::new(
-        support::ADMIN_EMAIL,
-        support::ADMIN_TOKEN,
-    ));
-    let standin = Standin::start_tls(state, tokio_rustls::TlsAcceptor::from(standin_tls))
-        .await
-        .unwrap();
+    let standin = tls_standin(&pki).await;
     let port = standin.addr.port();
     let h = Harness::start_in_front_of(
         standin,
