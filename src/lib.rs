@@ -292,7 +292,11 @@ impl App {
         }
         let counted = Arc::clone(&metrics);
         admin_keys.on_event(move |e| {
-            counted.inc("keygate_admin_key_events_total", &[("action", e.action)]);
+            let result = if e.action == "failed" { "error" } else { "ok" };
+            counted.inc(
+                "keygate_admin_key_events_total",
+                &[("action", e.action), ("result", result)],
+            );
         });
         let proxy = Arc::new(Proxy::new(gateway, upstream, admin_keys, metrics, audit));
         Ok(App {

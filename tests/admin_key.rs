@@ -33,7 +33,7 @@ async fn restricted_page_is_readable_only_through_the_bypass_route() {
         .await
         .text();
     for line in [
-        "keygate_admin_key_events_total{action=\"enabled\"} 1",
+        "keygate_admin_key_events_total{action=\"enabled\",result=\"ok\"} 1",
         "keygate_requests_total{route=\"scan-restricted-pages\",status=\"2xx\",bypass=\"true\"} 1",
         "keygate_requests_total{route=\"read-anything-normally\",status=\"4xx\",bypass=\"false\"} 1",
         "keygate_admin_key_seconds_left 3",
