@@ -24,7 +24,6 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use http::HeaderValue;
 use rand::Rng as _;
-use sha2::{Digest, Sha256};
 
 pub use file::{ApiKey, KeyEntry, KeysFile};
 
@@ -259,12 +258,14 @@ impl KeyStore {
 }
 
 fn cache_key(kind: u8, client_id: &str, secret: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update([kind]);
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    h.update(&[kind]);
     h.update(client_id.as_bytes());
-    h.update([0]);
+    h.update(&[0]);
     h.update(secret.as_bytes());
-    h.finalize().into()
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.finish().as_ref());
+    out
 }
 
 fn parse_authorization(header: &HeaderValue) -> Option<Presented<'_>> {

@@ -149,9 +149,18 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     ok.then(|| value.clone())
 }
 
-/// A new request id: a UUIDv7, so ids sort by time.
+/// A new request id: a UUIDv7, so ids sort by time. Its random bits come from the
+/// thread's CSPRNG (seeded once from the OS) rather than a syscall per request.
 pub fn new_request_id() -> HeaderValue {
-    let id = uuid::Uuid::now_v7().hyphenated().to_string();
+    use rand::Rng as _;
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let random: [u8; 10] = rand::thread_rng().gen();
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .hyphenated()
+        .to_string();
     HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 

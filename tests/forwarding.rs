@@ -321,7 +321,6 @@ async fn request_ids_are_kept_when_well_formed_and_replaced_otherwise() {
 
 #[tokio::test]
 async fn five_mib_upload_and_download_stream_through() {
-    use sha2::Digest as _;
     let h = Harness::start_with(support::Setup {
         routes: "routes:\n  - name: attachments\n    methods: [GET, POST]\n    path: /wiki/**\n    roles: [\"*\"]\n".into(),
         ..Default::default()
@@ -330,10 +329,7 @@ async fn five_mib_upload_and_download_stream_through() {
     let auth = h.reader.basic();
     let size = 5 * 1024 * 1024;
     let upload: Vec<u8> = (0..size).map(|i| (i * 7 % 256) as u8).collect();
-    let digest: String = sha2::Sha256::digest(&upload)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = keygate::audit::chain::sha256_hex(&upload);
     let reply = send(
         "POST",
         &h.url("/wiki/rest/api/content/1001/child/attachment"),

@@ -5,7 +5,7 @@
 //! `,"hash":"<hex SHA-256 of B>"}`. `prev` is the hex SHA-256 of the previous line's
 //! bytes without its newline (64 zeros for the very first record).
 
-use sha2::{Digest as _, Sha256};
+use ring::digest::{Context, SHA256};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
@@ -21,10 +21,11 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    hex(ring::digest::digest(&SHA256, bytes).as_ref())
 }
 
-/// Encodes one line (without newline). Values are JSON-encoded by serde_json, so
+/// Encodes one line (without newline) and returns it with its own SHA-256 (the
+/// next record's `prev`). Values are JSON-encoded by serde_json, so
 /// client-controlled strings are escaped, never spliced in.
 pub fn encode(
     ts: &str,
@@ -32,7 +33,7 @@ pub fn encode(
     event: &str,
     prev: &str,
     fields: &[(&'static str, serde_json::Value)],
-) -> String {
+) -> (String, String) {
     let mut b = String::with_capacity(256);
     b.push_str("{\"ts\":");
     b.push_str(&serde_json::Value::from(ts).to_string());
@@ -47,13 +48,19 @@ pub fn encode(
         b.push_str("\":");
         b.push_str(&value.to_string());
     }
-    b.push('}');
-    let hash = sha256_hex(b.as_bytes());
-    b.pop();
+    // B and the line share everything but their ending: hash that prefix once.
+    let mut prefix = Context::new(&SHA256);
+    prefix.update(b.as_bytes());
+    let mut body = prefix.clone();
+    body.update(b"}");
+    let hash = hex(body.finish().as_ref());
+    let start = b.len();
     b.push_str(",\"hash\":\"");
     b.push_str(&hash);
     b.push_str("\"}");
-    b
+    prefix.update(&b.as_bytes()[start..]);
+    let line_hash = hex(prefix.finish().as_ref());
+    (b, line_hash)
 }
 
 /// Why a line does not check out on its own.
@@ -123,7 +130,8 @@ mod tests {
             ),
             ("status", serde_json::Value::Null),
         ];
-        let line = encode("2026-11-23T10:00:00.000Z", 1, "request", GENESIS, &fields);
+        let (line, line_hash) = encode("2026-11-23T10:00:00.000Z", 1, "request", GENESIS, &fields);
+        assert_eq!(line_hash, sha256_hex(line.as_bytes()));
         assert!(line.ends_with("\"}"));
         assert!(!line.contains('\n'));
         let checked = check_line(&line).unwrap();
@@ -154,7 +162,7 @@ mod tests {
     fn malformed_lines() {
         assert_eq!(check_line("not json"), Err(LineError::NotJson));
         assert_eq!(check_line("{\"seq\":1}"), Err(LineError::NoHash));
-        let line = encode("t", 3, "startup", GENESIS, &[]);
+        let (line, _) = encode("t", 3, "startup", GENESIS, &[]);
         let truncated = &line[..line.len() - 5];
         assert!(check_line(truncated).is_err());
     }

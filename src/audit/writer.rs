@@ -150,8 +150,8 @@ impl Writer {
         let mut waiters = Vec::new();
         for (event, fields, durable) in records {
             seq += 1;
-            let line = chain::encode(&ts, seq, event, &prev, &fields);
-            prev = chain::sha256_hex(line.as_bytes());
+            let (line, line_hash) = chain::encode(&ts, seq, event, &prev, &fields);
+            prev = line_hash;
             text.push_str(&line);
             text.push('\n');
             waiters.extend(durable);

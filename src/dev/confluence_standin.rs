@@ -22,7 +22,6 @@ use http_body::Frame;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::body::{full, Body, BoxError};
@@ -620,7 +619,7 @@ async fn route(state: &StandinState, request: Request<Incoming>) -> Response<Bod
 /// Consumes an upload frame by frame and reports its size and SHA-256.
 async fn upload(mut body: Incoming) -> Response<Body> {
     let mut size: u64 = 0;
-    let mut hash = Sha256::new();
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
@@ -637,7 +636,7 @@ async fn upload(mut body: Incoming) -> Response<Body> {
             }
         }
     }
-    let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let digest = crate::audit::chain::hex(hash.finish().as_ref());
     json(
         StatusCode::OK,
         serde_json::json!({"size": size, "sha256": digest}).to_string(),
