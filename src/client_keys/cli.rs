@@ -65,11 +65,7 @@ fn execute(action: KeysAction) -> Result<(), String> {
             json,
         } => {
             let path = keys_file(&config)?;
-            let secret = if secret_stdin {
-                Some(read_secret()?)
-            } else {
-                None
-            };
+            let secret = secret_stdin.then(read_secret).transpose()?;
             let issued = edit::create(
                 &path,
                 NewKey {
@@ -101,11 +97,7 @@ fn execute(action: KeysAction) -> Result<(), String> {
             json,
         } => {
             let path = keys_file(&config)?;
-            let secret = if secret_stdin {
-                Some(read_secret()?)
-            } else {
-                None
-            };
+            let secret = secret_stdin.then(read_secret).transpose()?;
             let issued =
                 edit::regenerate(&path, Selector::ClientId(&client_id), secret).map_err(err)?;
             print_issued("regenerated", &issued, json);
@@ -137,15 +129,8 @@ fn read_secret() -> Result<String, String> {
 fn print_issued(verb: &str, issued: &Issued, json: bool) {
     let e = &issued.entry;
     if json {
-        let v = serde_json::json!({
-            "id": e.id,
-            "client_id": e.client_id,
-            "name": e.name,
-            "roles": e.roles,
-            "expiration": e.expiration,
-            "is_valid": e.is_valid,
-            "client_secret": issued.generated_secret,
-        });
+        let mut v = super::api::listing(e);
+        v["client_secret"] = serde_json::Value::from(issued.generated_secret.clone());
         println!("{v}");
         return;
     }
