@@ -164,7 +164,14 @@ impl<A: AdminKeyApi> AdminKeys<A> {
         match event.action {
             "failed" => tracing::warn!(reason = %event.reason, "admin key call failed"),
             action => {
-                tracing::info!(action, account = ?event.account_id, expires = ?event.expires.map(crate::rfc3339::format_seconds), reason = %event.reason, "admin key")
+                let expires = event.expires.map(crate::rfc3339::format_seconds);
+                tracing::info!(
+                    action,
+                    account = event.account_id.as_deref(),
+                    expires = expires.as_deref(),
+                    reason = %event.reason,
+                    "admin key"
+                )
             }
         }
         for sink in lock(&self.sinks).iter() {

@@ -173,7 +173,7 @@ fn banner(
     if let Some(ops) = ops {
         let _ = writeln!(
             s,
-            "  ops                  http://{ops}  (/healthz, /readyz)"
+            "  ops                  http://{ops}  (/healthz, /readyz, /metrics)"
         );
     }
     let _ = writeln!(s, "  config               {}", config.display());
