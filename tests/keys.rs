@@ -141,22 +141,12 @@ async fn a_key_created_by_the_cli_works_with_basic_and_bearer_from_curl_and_a_st
 async fn revoke_and_regenerate_through_the_cli() {
     let h = Harness::start().await;
     let old = h.reader.basic();
-    assert_eq!(
-        get(&h.url(PAGE), &[("Authorization", &old)]).await.status,
-        200
-    );
+    assert_eq!(status(&h, &old).await, 200);
     let (code, _, err) = keygate(&h, &["keys", "revoke", &h.reader.client_id], None);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        get(&h.url(PAGE), &[("Authorization", &old)]).await.status,
-        200,
-        "until the reload"
-    );
+    assert_eq!(status(&h, &old).await, 200, "until the reload");
     h.control.reload("test").unwrap();
-    assert_eq!(
-        get(&h.url(PAGE), &[("Authorization", &old)]).await.status,
-        401
-    );
+    assert_eq!(status(&h, &old).await, 401);
 
     let (code, out, err) = keygate(&h, &["keys", "regenerate", &h.reader.client_id], None);
     assert_eq!(code, 0, "{err}");
@@ -167,16 +157,9 @@ async fn revoke_and_regenerate_through_the_cli() {
     );
     let new_secret = field(&out, "client_secret");
     h.control.reload("test").unwrap();
-    assert_eq!(
-        get(&h.url(PAGE), &[("Authorization", &old)]).await.status,
-        401,
-        "old secret dead"
-    );
+    assert_eq!(status(&h, &old).await, 401, "old secret dead");
     let new = basic(&h.reader.client_id, &new_secret);
-    assert_eq!(
-        get(&h.url(PAGE), &[("Authorization", &new)]).await.status,
-        200
-    );
+    assert_eq!(status(&h, &new).await, 200);
 
     let (code, _, err) = keygate(&h, &["keys", "revoke", "nobody_x"], None);
     assert_eq!(code, 1);
@@ -237,10 +220,7 @@ async fn argon2_runs_once_for_a_thousand_requests_and_a_wrong_secret_still_fails
     );
     // Right after the right secret was cached, a wrong one for the same client_id fails.
     let wrong = basic(&h.reader.client_id, &format!("{}x", h.reader.secret));
-    assert_eq!(
-        get(&h.url(PAGE), &[("Authorization", &wrong)]).await.status,
-        401
-    );
+    assert_eq!(status(&h, &wrong).await, 401);
     assert_eq!(h.forwarded().len(), 1000);
     h.stop().await;
 }

@@ -52,26 +52,24 @@ impl<B: HttpBody<Data = Bytes>> HttpBody for Counted<B> {
 
 type Finish = Box<dyn FnOnce(u64) + Send + Sync>;
 
-/// Counts data bytes and calls `finish(bytes)` once: at the end of the stream or
-/// when dropped before it.
+/// Counts data bytes (through `Counted`) and calls `finish(bytes)` once: at the
+/// end of the stream or when dropped before it.
 pub struct OnEnd<B> {
-    inner: Pin<Box<B>>,
-    bytes: u64,
+    inner: Counted<B>,
     finish: Option<Finish>,
 }
 
 impl<B> OnEnd<B> {
     pub fn new(inner: B, finish: impl FnOnce(u64) + Send + Sync + 'static) -> Self {
         OnEnd {
-            inner: Box::pin(inner),
-            bytes: 0,
+            inner: Counted::new(inner, Arc::default()),
             finish: Some(Box::new(finish)),
         }
     }
 
     fn done(&mut self) {
         if let Some(f) = self.finish.take() {
-            f(self.bytes);
+            f(self.inner.count.load(Ordering::Relaxed));
         }
     }
 }
@@ -90,15 +88,9 @@ impl<B: HttpBody<Data = Bytes>> HttpBody for OnEnd<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = self.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.bytes += data.len() as u64;
-                }
-            }
-            Poll::Ready(None) => self.done(),
-            _ => {}
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.done();
         }
         polled
     }
