@@ -49,9 +49,9 @@ async fn run() {
         let n = n - n % clients;
         let (mut bypass, mut plain, mut per_request) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            let before = metrics.counter("keygate_audit_fsyncs_total", &[]);
+            let before = metrics.audit_fsyncs.get();
             bypass.push(common::load(&bypass_url, &scanner, n, clients).await);
-            let fsyncs = metrics.counter("keygate_audit_fsyncs_total", &[]) - before;
+            let fsyncs = metrics.audit_fsyncs.get() - before;
             per_request.push(fsyncs as f64 / n as f64);
             plain.push(common::load(&plain_url, &scanner, n, clients).await);
         }

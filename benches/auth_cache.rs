@@ -36,7 +36,7 @@ async fn run() {
         for use_cache in order {
             if use_cache {
                 // A fresh generation: empty cache, argon2 once in the warm-up.
-                b.control.reload("bench").unwrap();
+                b.control.reload("bench").await.unwrap();
             } else {
                 b.control.set_key_store(KeyStore::fixed_credential(
                     &b.reader.client_id,

@@ -1,12 +1,17 @@
 //! The Confluence admin key: enabled on demand, refreshed before it expires, disabled
 //! when idle or at shutdown.
 //!
-//! Invariants:
-//! - a bypass request is only ever let through with a key that, on Confluence's
-//!   clock, has more than `SAFETY_MARGIN` left; otherwise it waits for the one call
-//!   in flight or is refused (503) — never forwarded without the key;
+//! One owner task (`admin_key/owner.rs`) holds the state and makes every admin-key
+//! call; it publishes a `State` through a `watch` channel. Requests only read that
+//! state and signal demand, so:
 //! - at most one admin-key call is in flight at any time, however many requests
-//!   wait: calls run in a spawned task, so a waiter giving up never cancels one;
+//!   wait — the owner makes calls one after another, and a waiter giving up never
+//!   cancels one;
+//! - a bypass request is only ever let through with a key that, on Confluence's
+//!   clock, has more than `SAFETY_MARGIN` left; otherwise it waits for the call in
+//!   flight or is refused (503) — never forwarded without the key;
+//! - while a `DELETE` is in flight the state is `Disabling`, which holds no key:
+//!   no request can be handed a lease on a key being disabled;
 //! - failed calls back off exponentially with jitter and honour `Retry-After`; a
 //!   rejected credential or "not allowed" sets a readiness reason, logged once.
 //!
@@ -15,29 +20,30 @@
 //! Time is tokio's, so tests drive hours of it in milliseconds with a paused clock.
 
 mod backoff;
+pub mod coordination;
+mod owner;
 pub mod probe;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::Method;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::AdminKeyPolicy;
-use crate::ops::Readiness;
-use backoff::Backoff;
+use crate::readiness::Readiness;
+pub use coordination::{Coordination, LocalCoordination};
 
 /// A key must have at least this much left for a request to be sent with it.
 pub const SAFETY_MARGIN: Duration = Duration::from_secs(5);
 /// While bypass traffic flows, the key state is re-read at least this often, so a
 /// key disabled elsewhere is noticed and re-enabled within a minute.
 pub const DRIFT_CHECK: Duration = Duration::from_secs(50);
-
-const READINESS: &str = "admin_key";
 
 /// What Confluence answered to an admin-key call.
 #[derive(Debug, Clone)]
@@ -82,31 +88,37 @@ pub struct AdminKeyEvent {
     pub expires: Option<SystemTime>,
     pub account_id: Option<String>,
     pub reason: String,
+    /// Which replica made the call (its name; the host name by default).
+    pub replica: Arc<str>,
 }
 
-#[derive(Debug, Clone)]
-struct ActiveKey {
-    lease: Lease,
+/// A key known to be active, with its expiry on the monotonic clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveKey {
+    pub lease: Lease,
     /// When it expires on the monotonic clock.
-    deadline: Instant,
+    pub deadline: Instant,
     /// When a refresh starts: `refresh_before` ahead of the deadline, or half the
     /// key's life if Confluence granted less than that (no refresh storm).
-    refresh_at: Instant,
+    pub refresh_at: Instant,
+    /// When its state was last read from Confluence.
+    pub checked_at: Instant,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    key: Option<ActiveKey>,
-    in_flight: bool,
-    last_checked: Option<Instant>,
-    last_bypass: Option<Instant>,
-    backoff: Backoff,
-    /// The last failure, for 503 messages.
-    last_error: Option<String>,
+impl ActiveKey {
+    fn usable(&self, now: Instant) -> bool {
+        self.deadline > now + SAFETY_MARGIN
+    }
+
+    /// Whether a request at `now` should ask the owner for a refresh or a re-read.
+    fn wants_attention(&self, now: Instant) -> bool {
+        now >= self.refresh_at || now.saturating_duration_since(self.checked_at) >= DRIFT_CHECK
+    }
 }
 
+/// Which admin-key call the owner is making.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
+pub enum Call {
     /// No usable key: GET, then POST unless the active one has enough left.
     Acquire,
     /// Less than `refresh_before` left: POST.
@@ -115,44 +127,174 @@ enum Call {
     Check,
 }
 
-type EventSink = Box<dyn Fn(&AdminKeyEvent) + Send + Sync>;
-
-pub struct AdminKeys<A: AdminKeyApi> {
-    api: A,
-    policy: ArcSwap<AdminKeyPolicy>,
-    /// How long a request waits for the call in flight.
-    wait_bound: ArcSwap<Duration>,
-    state: Mutex<State>,
-    /// Bumped after every call, to wake waiters.
-    settled: watch::Sender<u64>,
-    activity: Notify,
-    readiness: Arc<Readiness>,
-    sinks: Mutex<Vec<EventSink>>,
+/// The admin-key state as the owner publishes it. Only the variants that carry a
+/// key hand out leases; `Disabling` carries none, so "a lease during a DELETE"
+/// cannot be expressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// No key held.
+    NoKey,
+    /// A key is held; no call in flight.
+    Active(ActiveKey),
+    /// A call is in flight; `key` is the still-usable key meanwhile (refresh, check).
+    Calling { call: Call, key: Option<ActiveKey> },
+    /// The last call failed; requests without a usable key are refused until `until`.
+    BackingOff {
+        until: Instant,
+        reason: String,
+        key: Option<ActiveKey>,
+    },
+    /// A `DELETE` is in flight.
+    Disabling,
 }
 
-impl<A: AdminKeyApi> AdminKeys<A> {
-    pub fn new(
+impl State {
+    /// The key a request may use at `now`.
+    pub fn usable_key(&self, now: Instant) -> Option<&ActiveKey> {
+        let key = match self {
+            State::Active(key) => Some(key),
+            State::Calling { key, .. } | State::BackingOff { key, .. } => key.as_ref(),
+            State::NoKey | State::Disabling => None,
+        };
+        key.filter(|k| k.usable(now))
+    }
+
+    /// The key held, usable or not (for metrics).
+    pub fn held(&self) -> Option<&ActiveKey> {
+        match self {
+            State::Active(key) => Some(key),
+            State::Calling { key, .. } | State::BackingOff { key, .. } => key.as_ref(),
+            State::NoKey | State::Disabling => None,
+        }
+    }
+}
+
+type EventSink = Box<dyn Fn(&AdminKeyEvent) + Send + Sync>;
+
+/// What requests tell the owner: that bypass traffic happened, and how many wait.
+struct Demand {
+    /// Wakes the owner.
+    notify: Notify,
+    /// Requests waiting for a usable key.
+    waiting: AtomicUsize,
+    /// Nanoseconds after `base` of the last bypass request, plus one (0: none yet).
+    last_bypass: AtomicU64,
+    base: Instant,
+}
+
+impl Demand {
+    fn touch(&self, now: Instant) {
+        let nanos = u64::try_from(now.saturating_duration_since(self.base).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            + 1;
+        self.last_bypass.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    fn last_bypass(&self) -> Option<Instant> {
+        match self.last_bypass.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n - 1)),
+        }
+    }
+}
+
+/// Decrements the waiting count however a waiter leaves.
+struct Waiting<'a>(&'a Demand);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Settings the owner reads at each step, replaced on reload.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub policy: AdminKeyPolicy,
+    /// How long a request waits for the call in flight.
+    pub wait_bound: Duration,
+}
+
+enum Command {
+    /// DELETE the key if one is held, then answer.
+    Disable {
+        why: &'static str,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The handle requests and the rest of keygate use; cheap to clone.
+#[derive(Clone)]
+pub struct AdminKeys {
+    state: watch::Receiver<State>,
+    demand: Arc<Demand>,
+    settings: Arc<ArcSwap<Settings>>,
+    commands: mpsc::Sender<Command>,
+    sinks: Arc<Mutex<Vec<EventSink>>>,
+}
+
+impl AdminKeys {
+    /// Starts the owner task (on the current runtime) with the local, single-node
+    /// coordination.
+    pub fn spawn<A: AdminKeyApi>(
         api: A,
         policy: AdminKeyPolicy,
         wait_bound: Duration,
         readiness: Arc<Readiness>,
-    ) -> Arc<Self> {
-        Arc::new(AdminKeys {
+    ) -> AdminKeys {
+        Self::spawn_with(
             api,
-            policy: ArcSwap::from_pointee(policy),
-            wait_bound: ArcSwap::from_pointee(wait_bound),
-            state: Mutex::new(State::default()),
-            settled: watch::channel(0).0,
-            activity: Notify::new(),
+            LocalCoordination,
+            Settings { policy, wait_bound },
             readiness,
-            sinks: Mutex::new(Vec::new()),
-        })
+            Arc::from("local"),
+        )
+    }
+
+    /// Starts the owner task with the given coordination between replicas.
+    pub fn spawn_with<A: AdminKeyApi, C: Coordination>(
+        api: A,
+        coordination: C,
+        settings: Settings,
+        readiness: Arc<Readiness>,
+        replica: Arc<str>,
+    ) -> AdminKeys {
+        let (state_tx, state) = watch::channel(State::NoKey);
+        let demand = Arc::new(Demand {
+            notify: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            last_bypass: AtomicU64::new(0),
+            base: Instant::now(),
+        });
+        let settings = Arc::new(ArcSwap::from_pointee(settings));
+        let (commands, command_rx) = mpsc::channel(8);
+        let sinks: Arc<Mutex<Vec<EventSink>>> = Arc::default();
+        let owner = owner::Owner {
+            api,
+            coordination,
+            state: state_tx,
+            demand: Arc::clone(&demand),
+            settings: Arc::clone(&settings),
+            commands: command_rx,
+            backoff: backoff::Backoff::default(),
+            readiness,
+            sinks: Arc::clone(&sinks),
+            replica,
+        };
+        tokio::spawn(owner.run());
+        AdminKeys {
+            state,
+            demand,
+            settings,
+            commands,
+            sinks,
+        }
     }
 
     /// Applies a reloaded policy to what happens from now on.
-    pub fn set_policy(&self, policy: AdminKeyPolicy, wait_bound: Duration) {
-        self.policy.store(Arc::new(policy));
-        self.wait_bound.store(Arc::new(wait_bound));
+    pub fn set_settings(&self, settings: Settings) {
+        self.settings.store(Arc::new(settings));
+        self.demand.notify.notify_one();
     }
 
     /// Adds a receiver of every event (the audit trail, metrics).
@@ -160,267 +302,86 @@ impl<A: AdminKeyApi> AdminKeys<A> {
         lock(&self.sinks).push(Box::new(sink));
     }
 
-    fn emit(&self, event: AdminKeyEvent) {
-        match event.action {
-            "failed" => tracing::warn!(reason = %event.reason, "admin key call failed"),
-            action => {
-                let expires = event.expires.map(crate::rfc3339::format_seconds);
-                tracing::info!(
-                    action,
-                    account = event.account_id.as_deref(),
-                    expires = expires.as_deref(),
-                    reason = %event.reason,
-                    "admin key"
-                )
-            }
-        }
-        for sink in lock(&self.sinks).iter() {
-            sink(&event);
-        }
-    }
-
-    /// The lease a bypass request may be sent with, waiting for the one call in
-    /// flight if no usable key is held.
-    pub async fn ensure(self: &Arc<Self>) -> Result<Lease, Unavailable> {
-        let mut settled = self.settled.subscribe();
-        let wait = **self.wait_bound.load();
-        let give_up = Instant::now() + wait;
+    /// The lease a bypass request may be sent with, waiting (at most the wait bound)
+    /// for the owner's call if no usable key is held.
+    pub async fn ensure(&self) -> Result<Lease, Unavailable> {
+        let started = Instant::now();
+        self.demand.touch(started);
+        let give_up = started + self.settings.load().wait_bound;
+        let mut state = self.state.clone();
+        let mut waiting = None;
         loop {
-            let now = Instant::now();
             {
-                let mut st = lock(&self.state);
-                st.last_bypass = Some(now);
-                if let Some(key) = st.key.as_ref().filter(|k| usable(k, now)) {
-                    let lease = key.lease.clone();
-                    let refresh = now >= key.refresh_at;
-                    let check = st.last_checked.is_none_or(|t| now - t >= DRIFT_CHECK);
-                    if (refresh || check) && !st.in_flight && !st.backoff.active(now) {
-                        let kind = if refresh { Call::Refresh } else { Call::Check };
-                        self.start(&mut st, kind);
+                let now = Instant::now();
+                let current = state.borrow_and_update();
+                if let Some(key) = current.usable_key(now) {
+                    if key.wants_attention(now) {
+                        self.demand.notify.notify_one();
                     }
-                    return Ok(lease);
+                    return Ok(key.lease.clone());
                 }
-                if let Some(until) = st.backoff.until().filter(|u| *u > now) {
+                if let State::BackingOff { until, reason, .. } = &*current {
+                    if *until > now {
+                        return Err(Unavailable {
+                            retry_after: *until - now,
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+            }
+            if waiting.is_none() {
+                self.demand.waiting.fetch_add(1, Ordering::Relaxed);
+                waiting = Some(Waiting(&self.demand));
+            }
+            self.demand.notify.notify_one();
+            match tokio::time::timeout_at(give_up, state.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
                     return Err(Unavailable {
-                        retry_after: until - now,
-                        reason: st.last_error.clone().unwrap_or_default(),
-                    });
+                        retry_after: Duration::from_secs(1),
+                        reason: "the admin-key task has stopped".into(),
+                    })
                 }
-                if !st.in_flight {
-                    self.start(&mut st, Call::Acquire);
+                Err(_) => {
+                    return Err(Unavailable {
+                        retry_after: Duration::from_secs(1),
+                        reason: "timed out waiting for the admin-key call".into(),
+                    })
                 }
-            }
-            let waited = tokio::time::timeout_at(give_up, settled.changed()).await;
-            if waited.is_err() {
-                return Err(Unavailable {
-                    retry_after: Duration::from_secs(1),
-                    reason: "timed out waiting for the admin-key call".into(),
-                });
             }
         }
     }
 
-    /// Spawns the one call; the caller holds the state lock and saw no call in flight.
-    fn start(self: &Arc<Self>, st: &mut State, kind: Call) {
-        st.in_flight = true;
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            this.sync(kind).await;
-            lock(&this.state).in_flight = false;
-            this.settled.send_modify(|n| *n += 1);
-        });
-    }
-
-    /// Waits until no call is in flight, then claims the slot.
-    async fn claim(&self) {
-        let mut settled = self.settled.subscribe();
-        loop {
-            {
-                let mut st = lock(&self.state);
-                if !st.in_flight {
-                    st.in_flight = true;
-                    return;
-                }
-            }
-            let _ = settled.changed().await;
-        }
-    }
-
-    fn release(&self) {
-        lock(&self.state).in_flight = false;
-        self.settled.send_modify(|n| *n += 1);
-    }
-
-    async fn sync(&self, kind: Call) {
-        let policy = self.policy.load_full();
-        let had_key = lock(&self.state).key.is_some();
-        if kind != Call::Refresh {
-            let sent = Instant::now();
-            let reply = match self.api.call(Method::GET, 0).await {
-                Ok(r) => r,
-                Err(e) => return self.fail(Failure::Transient(e, None)),
-            };
-            match reply.status {
-                200 => match parse_key(&reply, sent, policy.refresh_before) {
-                    Some(key) if key.deadline - sent > policy.refresh_before => {
-                        let action = if had_key { None } else { Some("adopted") };
-                        return self.succeed(key, action, "an active key was found");
-                    }
-                    Some(_) => {}
-                    None => {
-                        return self.fail(Failure::Transient(
-                            "GET answered an unreadable key".into(),
-                            None,
-                        ))
-                    }
-                },
-                // No key active (or the account may not use admin keys: only POST tells).
-                404 => {}
-                status => return self.fail(Failure::from_status("GET", status, reply.retry_after)),
-            }
-        }
-        let sent = Instant::now();
-        let reply = match self.api.call(Method::POST, policy.duration_minutes).await {
-            Ok(r) => r,
-            Err(e) => return self.fail(Failure::Transient(e, None)),
-        };
-        match reply.status {
-            200 | 201 => match parse_key(&reply, sent, policy.refresh_before) {
-                Some(key) => {
-                    let (action, why) = match (kind, had_key) {
-                        (Call::Refresh, _) => ("refreshed", "less than refresh_before was left"),
-                        (Call::Check, true) => {
-                            ("enabled", "the key was disabled or shortened elsewhere")
-                        }
-                        (_, true) => ("refreshed", "the key had run out"),
-                        (_, false) => ("enabled", "a bypass request needed it"),
-                    };
-                    self.succeed(key, Some(action), why);
-                }
-                None => self.fail(Failure::Transient(
-                    "POST answered an unreadable key".into(),
-                    None,
-                )),
-            },
-            status => self.fail(Failure::from_status("POST", status, reply.retry_after)),
-        }
-    }
-
-    fn succeed(&self, key: ActiveKey, action: Option<&'static str>, why: &str) {
-        let event = action.map(|action| AdminKeyEvent {
-            action,
-            expires: Some(key.lease.expires),
-            account_id: Some(key.lease.account_id.clone()),
-            reason: why.to_owned(),
-        });
+    /// DELETEs the key if one is held; `why` goes into the event.
+    pub async fn disable(&self, why: &'static str) {
+        let (done, wait) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Disable { why, done })
+            .await
+            .is_ok()
         {
-            let mut st = lock(&self.state);
-            st.key = Some(key);
-            st.last_checked = Some(Instant::now());
-            st.backoff.reset();
-            st.last_error = None;
-        }
-        if self.readiness.clear(READINESS) {
-            tracing::info!("admin key calls succeed again");
-        }
-        if let Some(event) = event {
-            self.emit(event);
-        }
-        self.activity.notify_one();
-    }
-
-    fn fail(&self, failure: Failure) {
-        let now = Instant::now();
-        let reason = failure.reason();
-        {
-            let mut st = lock(&self.state);
-            st.backoff.fail(now, failure.fatal(), failure.retry_after());
-            st.last_error = Some(reason.clone());
-            st.last_checked = Some(now);
-        }
-        if failure.fatal() && self.readiness.set(READINESS, reason.clone()) {
-            tracing::error!(reason = %reason, "admin key unavailable until this is fixed");
-        }
-        self.emit(AdminKeyEvent {
-            action: "failed",
-            expires: None,
-            account_id: None,
-            reason,
-        });
-    }
-
-    /// DELETEs the key if keygate holds one; `why` goes into the event.
-    pub async fn disable(&self, why: &str) {
-        self.claim().await;
-        if lock(&self.state).key.is_some() {
-            match self.api.call(Method::DELETE, 0).await {
-                Ok(r) if matches!(r.status, 200 | 204 | 404) => {
-                    lock(&self.state).key = None;
-                    self.emit(AdminKeyEvent {
-                        action: "disabled",
-                        expires: None,
-                        account_id: None,
-                        reason: why.to_owned(),
-                    });
-                }
-                Ok(r) => self.emit(failed_disable(format!("DELETE answered {}", r.status))),
-                Err(e) => self.emit(failed_disable(e)),
-            }
-        }
-        self.release();
-    }
-
-    /// Disables the key after `idle_disable_after` without bypass traffic; returns
-    /// when `stop` completes.
-    pub async fn idle_watch(self: Arc<Self>, stop: impl Future<Output = ()>) {
-        tokio::pin!(stop);
-        loop {
-            let deadline = {
-                let st = lock(&self.state);
-                match (
-                    self.policy.load().idle_disable_after,
-                    st.key.is_some(),
-                    st.last_bypass,
-                ) {
-                    (Some(idle), true, Some(last)) => Some(last + idle),
-                    _ => None,
-                }
-            };
-            let Some(deadline) = deadline else {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = self.activity.notified() => continue,
-                }
-            };
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-            let idle_since = lock(&self.state).last_bypass;
-            let still_idle = self
-                .policy
-                .load()
-                .idle_disable_after
-                .zip(idle_since)
-                .is_some_and(|(idle, last)| Instant::now() >= last + idle);
-            if still_idle {
-                self.disable("no bypass traffic for idle_disable_after")
-                    .await;
-            }
+            let _ = wait.await;
         }
     }
 
-    /// At shutdown, after in-flight requests drained.
+    /// At shutdown, after in-flight requests drained: DELETE the key if the policy
+    /// says so.
     pub async fn shutdown(&self) {
-        if self.policy.load().disable_on_shutdown {
+        if self.settings.load().policy.disable_on_shutdown {
             self.disable("shutdown").await;
         }
     }
 
+    /// The state now.
+    pub fn state(&self) -> State {
+        self.state.borrow().clone()
+    }
+
     /// Seconds until the held key expires (for metrics); `None` without a key.
     pub fn seconds_left(&self) -> Option<f64> {
-        let st = lock(&self.state);
-        st.key.as_ref().map(|k| {
+        let state = self.state.borrow();
+        state.held().map(|k| {
             k.deadline
                 .saturating_duration_since(Instant::now())
                 .as_secs_f64()
@@ -428,25 +389,16 @@ impl<A: AdminKeyApi> AdminKeys<A> {
     }
 }
 
-fn failed_disable(reason: String) -> AdminKeyEvent {
-    AdminKeyEvent {
-        action: "failed",
-        expires: None,
-        account_id: None,
-        reason: format!("disable failed: {reason}"),
-    }
-}
-
-fn usable(key: &ActiveKey, now: Instant) -> bool {
-    key.deadline > now + SAFETY_MARGIN
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The key in a 200 answer, its expiry laid onto the monotonic clock at `sent`.
-fn parse_key(reply: &ApiReply, sent: Instant, refresh_before: Duration) -> Option<ActiveKey> {
+pub(crate) fn parse_key(
+    reply: &ApiReply,
+    sent: Instant,
+    refresh_before: Duration,
+) -> Option<ActiveKey> {
     let v: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
     let account_id = v.get("accountId")?.as_str()?.to_owned();
     let expires = crate::rfc3339::parse(v.get("expirationTime")?.as_str()?).ok()?;
@@ -460,44 +412,8 @@ fn parse_key(reply: &ApiReply, sent: Instant, refresh_before: Duration) -> Optio
         },
         deadline: sent + left,
         refresh_at: sent + left - refresh_before.min(left / 2),
+        checked_at: Instant::now(),
     })
-}
-
-enum Failure {
-    Transient(String, Option<Duration>),
-    /// The admin's credential was rejected (401).
-    Credential,
-    /// The account may not use admin keys (403/404 to POST).
-    NotAllowed(u16),
-}
-
-impl Failure {
-    fn from_status(call: &str, status: u16, retry_after: Option<Duration>) -> Failure {
-        match (call, status) {
-            (_, 401) => Failure::Credential,
-            (_, 403) | ("POST", 404) => Failure::NotAllowed(status),
-            _ => Failure::Transient(format!("{call} answered {status}"), retry_after),
-        }
-    }
-
-    fn fatal(&self) -> bool {
-        !matches!(self, Failure::Transient(..))
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Failure::Transient(_, after) => *after,
-            _ => None,
-        }
-    }
-
-    fn reason(&self) -> String {
-        match self {
-            Failure::Transient(why, _) => why.clone(),
-            Failure::Credential => "Confluence rejected the admin credential (401): check confluence.email and confluence.api_token; Atlassian API tokens expire within a year".into(),
-            Failure::NotAllowed(status) => format!("the account may not use admin keys ({status} to POST): it must be an org or site admin of a Premium or Enterprise site"),
-        }
-    }
 }
 
 #[cfg(test)]

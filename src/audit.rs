@@ -1,29 +1,39 @@
-//! keygate's own audit trail: hash-chained JSON Lines, written by one writer
-//! thread (`audit/writer.rs`), checked by `keygate audit verify` (`audit/verify.rs`).
+//! keygate's own audit trail: hash-chained JSON Lines records (`audit/record.rs`),
+//! chained by `audit/chain.rs`, written by one writer (`audit/writer.rs`) into a
+//! sink — a file with rotation (`audit/file.rs`), standard output, or (cluster
+//! mode) the database — and checked by `keygate audit verify` (`audit/verify.rs`).
 //!
 //! Invariants: a bypass request is forwarded only after its `phase: "start"` record
-//! is on disk; when the trail cannot be written, bypass requests fail closed (503
+//! is durable, and a durable write that takes longer than `write_timeout` counts as
+//! failed; when the trail cannot be written, bypass requests fail closed (503
 //! `audit_unavailable`) while passthrough goes on, and writing resumes by itself;
-//! no record ever holds a secret, an `Authorization` value, a cookie or a body.
+//! the writer's queue is bounded — a best-effort record that finds it full is
+//! dropped, counted, and the count is written into the trail as an
+//! `audit_dropped` record; no record ever holds a secret, an `Authorization`
+//! value, a cookie or a body.
 
 pub mod chain;
+pub mod file;
+pub mod record;
 pub mod verify;
 pub mod writer;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AuditSettings;
 use crate::metrics::Metrics;
-use crate::ops::Readiness;
-use writer::{Job, Recovery, Writer};
+use crate::readiness::Readiness;
+pub use record::Encoded;
+use writer::Job;
+pub use writer::Recovery;
 
-/// Records waiting for the writer at most; beyond, durable writers wait and
-/// best-effort records are handed to a task that waits.
+/// Records waiting for the writer at most; beyond, best-effort records are
+/// dropped (and counted) and durable ones wait for room.
 const QUEUE: usize = 8192;
 const READINESS: &str = "audit";
 
@@ -31,6 +41,8 @@ const READINESS: &str = "audit";
 pub enum AuditError {
     #[error("audit write failed: {0}")]
     Write(String),
+    #[error("the audit write did not finish within {0:?}")]
+    Timeout(Duration),
     #[error("the audit writer has stopped")]
     Closed,
 }
@@ -40,11 +52,29 @@ pub struct Shared {
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
     failed: AtomicBool,
+    /// Best-effort records dropped since the last batch.
+    dropped: AtomicU64,
+    /// What a reload may change while the writer runs.
+    live: ArcSwap<AuditSettings>,
 }
 
 impl Shared {
+    pub fn new(
+        settings: AuditSettings,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            readiness,
+            metrics,
+            failed: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            live: ArcSwap::from_pointee(settings),
+        })
+    }
+
     fn failed(&self, why: &str) {
-        self.metrics.inc("keygate_audit_errors_total", &[]);
+        self.metrics.audit_errors.inc();
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(error = %why, "the audit trail cannot be written: bypass requests are refused until it can");
         }
@@ -55,8 +85,7 @@ impl Shared {
     }
 
     fn written(&self, records: u64) {
-        self.metrics
-            .add("keygate_audit_records_total", &[], records);
+        self.metrics.audit_records.inc_by(records);
         if self.failed.swap(false, Ordering::AcqRel) {
             tracing::info!("the audit trail is writable again");
             self.readiness.clear(READINESS);
@@ -64,9 +93,37 @@ impl Shared {
     }
 
     fn synced(&self, took: Duration) {
-        self.metrics.inc("keygate_audit_fsyncs_total", &[]);
+        self.metrics.audit_fsyncs.inc();
+        self.metrics.audit_fsync_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Files kept beyond `keep` for their bypass records: a gauge and, while any,
+    /// a readiness reason (the disk fills instead of the trail losing them).
+    fn retained(&self, files: usize) {
         self.metrics
-            .observe("keygate_audit_fsync_seconds", &[], took.as_secs_f64());
+            .audit_files_retained
+            .set(i64::try_from(files).unwrap_or(i64::MAX));
+        const RETENTION: &str = "audit_retention";
+        if files > 0 {
+            if self.readiness.set(
+                RETENTION,
+                format!("{files} rotated audit file(s) beyond `keep` hold bypass records younger than `bypass_retention`; they are kept: archive them or free disk"),
+            ) {
+                tracing::error!(files, "audit rotation kept files beyond `keep`: they hold bypass records younger than bypass_retention");
+            }
+        } else {
+            self.readiness.clear(RETENTION);
+        }
+    }
+
+    fn settings(&self) -> Arc<AuditSettings> {
+        self.live.load_full()
+    }
+
+    /// The `audit_dropped` record for records dropped since the last batch.
+    fn take_dropped(&self) -> Option<Encoded> {
+        let dropped = self.dropped.swap(0, Ordering::AcqRel);
+        (dropped > 0).then(|| record::encode("audit_dropped", &record::Dropped { dropped }))
     }
 }
 
@@ -74,83 +131,94 @@ impl Shared {
 #[derive(Clone)]
 pub struct Audit {
     tx: mpsc::Sender<Job>,
-    pub record_passthrough: bool,
+    shared: Arc<Shared>,
 }
 
-/// The writer thread, to wait for at shutdown.
-pub struct AuditThread(std::thread::JoinHandle<()>);
+/// The writer, to wait for at shutdown.
+pub struct AuditThread(writer::Handle);
 
 impl AuditThread {
-    pub fn join(self) {
-        let _ = self.0.join();
+    pub async fn join(self) {
+        self.0.join().await;
     }
 }
 
 impl Audit {
-    /// Opens the trail (cutting a torn last line) and starts the writer thread.
+    /// Opens the trail (cutting a torn last line) and starts the writer.
     pub fn start(
         settings: AuditSettings,
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Audit, AuditThread, Recovery)> {
-        let shared = Arc::new(Shared {
-            readiness,
-            metrics,
-            failed: AtomicBool::new(false),
-        });
-        let record_passthrough = settings.record_passthrough;
-        let (writer, recovery) = Writer::start(settings, shared);
+        let shared = Shared::new(settings, readiness, metrics);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let thread = std::thread::Builder::new()
-            .name("keygate-audit".into())
-            .spawn(move || writer.run(rx))?;
-        Ok((
-            Audit {
-                tx,
-                record_passthrough,
-            },
-            AuditThread(thread),
-            recovery,
-        ))
+        let (handle, recovery) = writer::start_local(Arc::clone(&shared), rx)?;
+        Ok((Audit { tx, shared }, AuditThread(handle), recovery))
     }
 
-    /// Writes a record and returns once it is on disk (fsync, shared with every
-    /// record in the same batch).
-    pub async fn durable(
-        &self,
-        event: &'static str,
-        fields: Vec<(&'static str, Value)>,
-    ) -> Result<(), AuditError> {
+    /// A handle over a writer started elsewhere (the database sink).
+    pub fn with_writer(shared: Arc<Shared>, tx: mpsc::Sender<Job>) -> Audit {
+        Audit { tx, shared }
+    }
+
+    /// A channel for a writer started elsewhere.
+    pub fn channel() -> (mpsc::Sender<Job>, mpsc::Receiver<Job>) {
+        mpsc::channel(QUEUE)
+    }
+
+    /// Whether requests without the bypass are recorded too.
+    pub fn record_passthrough(&self) -> bool {
+        self.shared.live.load().record_passthrough
+    }
+
+    /// Applies reloaded settings (rotation, keep, retention, record_passthrough).
+    pub fn set_settings(&self, settings: AuditSettings) {
+        self.shared.live.store(Arc::new(settings));
+    }
+
+    /// Writes a record and returns once it is durable (fsync or commit, shared
+    /// with every record in the same batch) — or an error, at the latest after
+    /// `write_timeout`: a hung disk fails bypass requests closed, it does not hang
+    /// them.
+    pub async fn durable(&self, record: Encoded) -> Result<(), AuditError> {
+        let limit = self.shared.live.load().write_timeout;
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job::Write {
-                event,
-                fields,
-                durable: Some(done),
-            })
-            .await
-            .map_err(|_| AuditError::Closed)?;
-        wait.await.map_err(|_| AuditError::Closed)?
-    }
-
-    /// Queues a record without waiting for it.
-    pub fn record(&self, event: &'static str, fields: Vec<(&'static str, Value)>) {
-        let job = Job::Write {
-            event,
-            fields,
-            durable: None,
+        let work = async {
+            self.tx
+                .send(Job::Write {
+                    record,
+                    durable: Some(done),
+                })
+                .await
+                .map_err(|_| AuditError::Closed)?;
+            wait.await.map_err(|_| AuditError::Closed)?
         };
-        if let Err(mpsc::error::TrySendError::Full(job)) = self.tx.try_send(job) {
-            let tx = self.tx.clone();
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = tx.send(job).await;
-                });
+        match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.shared.failed(&format!(
+                    "a durable write took longer than {limit:?} (disk hung?)"
+                ));
+                Err(AuditError::Timeout(limit))
             }
         }
     }
 
-    /// Asks for an fsync of what is unsynced (called every second).
+    /// Queues a record without waiting for it. A full queue drops it; the drop is
+    /// counted and recorded in the trail with the next batch.
+    pub fn record(&self, record: Encoded) {
+        let job = Job::Write {
+            record,
+            durable: None,
+        };
+        if self.tx.try_send(job).is_err() {
+            self.shared.dropped.fetch_add(1, Ordering::AcqRel);
+            self.shared.metrics.audit_dropped.inc();
+        }
+    }
+
+    /// Asks for the writer's periodic work (fsync of what is unsynced, a look at
+    /// the active file); called every second.
     pub fn tick(&self) {
         let _ = self.tx.try_send(Job::Tick);
     }

@@ -156,7 +156,13 @@ pub fn main() -> ExitCode {
         _ => "warn",
     };
     init_tracing(cli.log_format, default_level);
-    match cli.command {
+    let code = dispatch(cli.command);
+    flush_logs();
+    code
+}
+
+fn dispatch(command: Command) -> ExitCode {
+    match command {
         Command::Run { config } => run(&config.config),
         Command::Dev => {
             with_runtime(|| async { crate::dev::run().await.map_err(|e| e.to_string()) })
@@ -222,21 +228,33 @@ impl From<KeysCommand> for crate::client_keys::cli::KeysAction {
     }
 }
 
+/// Logs go to standard error through one log thread (`log_sink`), which also
+/// writes the access log, so no request ever writes to a terminal or pipe.
 fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let terminal = std::io::stderr().is_terminal();
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Auto => !terminal,
     };
+    let sink = crate::log_sink::LogSink::global(json);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(terminal && !json)
+        .with_writer(sink);
     if json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
+    }
+}
+
+/// Waits (briefly) until every log line is written: the process is about to exit.
+fn flush_logs() {
+    if let Some(sink) = crate::log_sink::LogSink::get() {
+        sink.flush(std::time::Duration::from_secs(2));
     }
 }
 
@@ -276,6 +294,10 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(errors) = config.secrets() {
+        eprintln!("{errors}");
+        return ExitCode::from(1);
+    }
     with_runtime(|| async move {
         let app = crate::App::bind(config).await.map_err(|e| e.to_string())?;
         tracing::info!(listen = %app.local_addr(), ops = ?app.ops_addr(), "keygate listening");
@@ -304,6 +326,13 @@ fn check(path: &Path, json: bool, probe: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let secrets = match config.secrets() {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
     };
     let keys = match crate::client_keys::file::read(&config.clients.keys_file) {
         Ok((_, keys)) => keys,
@@ -348,21 +377,26 @@ fn check(path: &Path, json: bool, probe: bool) -> ExitCode {
         print!("{}", summary(path, &config, keys.len(), usable));
     }
     if probe {
-        return probe_site(config);
+        return probe_site(config, secrets);
     }
     ExitCode::SUCCESS
 }
 
-fn probe_site(config: Config) -> ExitCode {
+fn probe_site(config: Config, secrets: crate::config::Secrets) -> ExitCode {
     with_runtime(|| async move {
         let site = config.confluence.base_url();
         let upstream =
             crate::confluence::Upstream::new(&config.confluence).map_err(|e| e.to_string())?;
-        let runs = std::sync::Arc::default();
-        let gateway = crate::proxy::Gateway::build(config, runs).map_err(|e| e.to_string())?;
+        let credential = crate::confluence::AdminCredential {
+            authorization: crate::confluence::admin_authorization(
+                &config.confluence.email,
+                secrets.api_token.expose(),
+            ),
+            request_timeout: config.confluence.request_timeout,
+        };
         let api = crate::confluence::UpstreamAdminApi {
             upstream,
-            gateway: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(gateway)),
+            credential: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(credential)),
         };
         println!("probe of {site}:");
         let findings = crate::admin_key::probe::probe(&api, &site).await;

@@ -1,23 +1,34 @@
 //! Callers' API access keys: who may call keygate at all.
 //!
-//! A client presents `Basic base64(client_id:client_secret)` or, for generated
-//! secrets, `Bearer client_secret`. Secrets exist only as argon2id hashes; the
-//! comparison is argon2's own constant-time one. A verified credential is cached
-//! (moka, keyed by a SHA-256 of exactly what was presented, TTL
-//! `verify_cache_ttl`) so the hash cost is paid once per key per TTL; concurrent
-//! first uses of one credential share a single verification.
+//! A client presents `Basic base64(client_id:client_secret)` — `client_id@<any
+//! domain>` works as the username too, for clients that insist on an e-mail
+//! address — or, for generated secrets, `Bearer client_secret`. Secrets exist
+//! only as argon2id hashes; the comparison is argon2's own constant-time one.
 //!
-//! Invariants: a failed verification is never cached, so a wrong secret cannot pass
-//! after a right one; a store is replaced whole on reload, dropping its cache;
-//! revocation and expiry are checked on every request, cached or not.
+//! Verification is the expensive step (19 MiB and tens of milliseconds of
+//! argon2id), so it is bounded (`verify.rs`):
+//! - a verified credential is cached (keyed by a SHA-256 of exactly what was
+//!   presented) and stays cached while it is used (`verify_cache_ttl` of
+//!   idleness), so a busy client never waits for a re-hash; concurrent first uses
+//!   of one credential share a single verification;
+//! - a wrong credential is remembered briefly, so repeating it costs no hash;
+//! - each source address and each client_id may cause only a few failed
+//!   verifications per second; beyond, the answer is 429 without hashing;
+//! - at most a few verifications run at once, with a short queue; beyond, 429.
+//!
+//! Invariants: a failed verification is never cached as success, so a wrong
+//! secret cannot pass after a right one; a store is replaced whole on reload,
+//! dropping its caches; revocation and expiry are checked on every request,
+//! cached or not.
 
-pub mod api;
 pub mod cli;
 pub mod edit;
 pub mod file;
+pub mod store;
+mod verify;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +37,7 @@ use http::HeaderValue;
 use rand::Rng as _;
 
 pub use file::{ApiKey, KeyEntry, KeysFile};
+pub use verify::Verifier;
 
 /// Prefix of generated secrets, so secret scanners can recognise leaked ones.
 pub const SECRET_PREFIX: &str = "kgs_";
@@ -33,17 +45,13 @@ pub const SECRET_PREFIX: &str = "kgs_";
 const SECRET_RANDOM_LEN: usize = 44;
 /// Random characters after the name in a client_id.
 const CLIENT_ID_SUFFIX_LEN: usize = 25;
+/// A wrong credential is remembered this long.
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// The longest `Authorization` value looked at; longer ones are malformed.
+const MAX_AUTHORIZATION: usize = 1024;
 
-/// Who is calling, once authenticated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    pub client_id: String,
-    pub key_name: String,
-    pub roles: Vec<String>,
-}
-
-/// Why a credential was refused. Clients see one uniform 401; this goes to logs,
-/// metrics and the audit trail.
+/// Why a credential was refused. Clients see one uniform 401 (or a 429 for the
+/// throttles); this goes to logs, metrics and the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no credential")]
@@ -58,6 +66,12 @@ pub enum AuthError {
     Revoked,
     #[error("key expired")]
     Expired,
+    /// Too many failed verifications from this source or for this client.
+    #[error("too many failed verifications ({0})")]
+    Throttled(&'static str, Duration),
+    /// Too many verifications waiting.
+    #[error("too many verifications at once")]
+    Busy,
 }
 
 impl AuthError {
@@ -70,6 +84,8 @@ impl AuthError {
             AuthError::WrongSecret => "wrong_secret",
             AuthError::Revoked => "revoked",
             AuthError::Expired => "expired",
+            AuthError::Throttled(..) => "throttled",
+            AuthError::Busy => "busy",
         }
     }
 }
@@ -83,28 +99,30 @@ pub struct AuthFailure {
 
 struct Fixed {
     digest: [u8; 32],
-    principal: Principal,
+    key: Arc<ApiKey>,
 }
 
+/// A credential as presented.
 enum Presented<'a> {
-    Basic { client_id: String, secret: String },
+    Basic { client_id: &'a str, secret: &'a str },
     Bearer { secret: &'a str },
 }
 
-/// The keys of one configuration generation, with their verification cache.
+/// The keys of one configuration generation, with their verification caches.
 pub struct KeyStore {
     /// A single credential compared directly (benchmark baseline), if set.
     fixed: Option<Fixed>,
     by_client_id: HashMap<String, Arc<ApiKey>>,
     /// The random suffix of each client_id, which generated secrets carry.
     by_suffix: HashMap<String, Arc<ApiKey>>,
-    cache: moka::future::Cache<[u8; 32], Arc<ApiKey>>,
-    argon2_runs: Arc<AtomicU64>,
+    verified: moka::future::Cache<[u8; 32], Arc<ApiKey>>,
+    refused: moka::sync::Cache<[u8; 32], ()>,
+    verifier: Arc<Verifier>,
 }
 
 impl KeyStore {
-    /// `argon2_runs` is shared across reloads so that the count is the process's.
-    pub fn new(keys: Vec<ApiKey>, cache_ttl: Duration, argon2_runs: Arc<AtomicU64>) -> Self {
+    /// `verifier` is shared across reloads: its bounds and counts are the process's.
+    pub fn new(keys: Vec<ApiKey>, cache_ttl: Duration, verifier: Arc<Verifier>) -> Self {
         let mut by_client_id = HashMap::with_capacity(keys.len());
         let mut by_suffix = HashMap::with_capacity(keys.len());
         for key in keys {
@@ -114,16 +132,21 @@ impl KeyStore {
             }
             by_client_id.insert(key.client_id.clone(), key);
         }
-        let cache = moka::future::Cache::builder()
+        let verified = moka::future::Cache::builder()
             .max_capacity(10_000)
-            .time_to_live(cache_ttl.max(Duration::from_millis(1)))
+            .time_to_idle(cache_ttl.max(Duration::from_millis(1)))
+            .build();
+        let refused = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(NEGATIVE_TTL)
             .build();
         KeyStore {
             fixed: None,
             by_client_id,
             by_suffix,
-            cache,
-            argon2_runs,
+            verified,
+            refused,
+            verifier,
         }
     }
 
@@ -134,11 +157,15 @@ impl KeyStore {
         let mut store = KeyStore::new(Vec::new(), Duration::from_secs(1), Arc::default());
         store.fixed = Some(Fixed {
             digest: cache_key(b'b', client_id, secret),
-            principal: Principal {
+            key: Arc::new(ApiKey {
+                id: "0".into(),
                 client_id: client_id.to_owned(),
-                key_name: client_id.to_owned(),
+                name: client_id.to_owned(),
+                secret_hash: String::new(),
                 roles,
-            },
+                expiration: None,
+                is_valid: true,
+            }),
         });
         store
     }
@@ -162,22 +189,36 @@ impl KeyStore {
 
     /// How many argon2 verifications this process has run.
     pub fn argon2_runs(&self) -> u64 {
-        self.argon2_runs.load(Ordering::Relaxed)
+        self.verifier.runs()
     }
 
-    /// Authenticates the value of the request's `Authorization` header.
+    /// Checks that a key found earlier (a connection's memo) may still be used.
+    pub fn still_valid(key: &ApiKey, now: SystemTime) -> Result<(), AuthError> {
+        if !key.is_valid {
+            return Err(AuthError::Revoked);
+        }
+        if key.expiration.is_some_and(|exp| exp <= now) {
+            return Err(AuthError::Expired);
+        }
+        Ok(())
+    }
+
+    /// Authenticates the value of the request's `Authorization` header sent from
+    /// `source`.
     pub async fn authenticate(
         &self,
         header: Option<&HeaderValue>,
+        source: IpAddr,
         now: SystemTime,
-    ) -> Result<Principal, AuthFailure> {
+    ) -> Result<Arc<ApiKey>, AuthFailure> {
         let fail = |error, client_id: Option<&str>| AuthFailure {
             error,
             client_id: client_id.map(str::to_owned),
         };
         let header = header.ok_or_else(|| fail(AuthError::Missing, None))?;
-        let presented =
-            parse_authorization(header).ok_or_else(|| fail(AuthError::Malformed, None))?;
+        let mut decoded = [0u8; MAX_AUTHORIZATION];
+        let presented = parse_authorization(header, &mut decoded)
+            .ok_or_else(|| fail(AuthError::Malformed, None))?;
         if let (Some(fixed), Presented::Basic { client_id, secret }) = (&self.fixed, &presented) {
             let digest = cache_key(b'b', client_id, secret);
             let differ = digest
@@ -185,18 +226,18 @@ impl KeyStore {
                 .zip(fixed.digest.iter())
                 .fold(0u8, |a, (x, y)| a | (x ^ y));
             return if differ == 0 {
-                Ok(fixed.principal.clone())
+                Ok(Arc::clone(&fixed.key))
             } else {
                 Err(fail(AuthError::WrongSecret, Some(client_id)))
             };
         }
-        let (key, secret, cache_key) = match &presented {
+        let (key, secret, digest) = match &presented {
             Presented::Basic { client_id, secret } => {
                 let key = self
                     .by_client_id
-                    .get(client_id)
+                    .get(*client_id)
                     .ok_or_else(|| fail(AuthError::UnknownClient, Some(client_id)))?;
-                (key, secret.as_str(), cache_key(b'b', client_id, secret))
+                (key, *secret, cache_key(b'b', client_id, secret))
             }
             Presented::Bearer { secret } => {
                 let key = self
@@ -206,34 +247,25 @@ impl KeyStore {
             }
         };
         let claimed = Some(key.client_id.as_str());
-        if !key.is_valid {
-            return Err(fail(AuthError::Revoked, claimed));
-        }
-        if key.expiration.is_some_and(|exp| exp <= now) {
-            return Err(fail(AuthError::Expired, claimed));
-        }
+        Self::still_valid(key, now).map_err(|e| fail(e, claimed))?;
         // Hits, the common case, take the plain lookup: no init future, no copies.
-        if let Some(verified) = self.cache.get(&cache_key).await {
-            return Ok(Principal {
-                client_id: verified.client_id.clone(),
-                key_name: verified.name.clone(),
-                roles: verified.roles.clone(),
-            });
+        if let Some(verified) = self.verified.get(&digest).await {
+            return Ok(verified);
         }
-        let runs = Arc::clone(&self.argon2_runs);
+        if self.refused.contains_key(&digest) {
+            return Err(fail(AuthError::WrongSecret, claimed));
+        }
+        let admission = self
+            .verifier
+            .admit(source, &key.client_id)
+            .map_err(|e| fail(e, claimed))?;
+        let verifier = Arc::clone(&self.verifier);
         let candidate = Arc::clone(key);
         let secret = secret.to_owned();
         let verified = self
-            .cache
-            .try_get_with(cache_key, async move {
-                let hash = candidate.secret_hash.clone();
-                let ok = tokio::task::spawn_blocking(move || {
-                    runs.fetch_add(1, Ordering::Relaxed);
-                    verify_secret(&secret, &hash)
-                })
-                .await
-                .unwrap_or(false);
-                if ok {
+            .verified
+            .try_get_with(digest, async move {
+                if verifier.verify(admission, &secret, &candidate).await? {
                     Ok(candidate)
                 } else {
                     Err(AuthError::WrongSecret)
@@ -241,12 +273,14 @@ impl KeyStore {
             })
             .await;
         match verified {
-            Ok(key) => Ok(Principal {
-                client_id: key.client_id.clone(),
-                key_name: key.name.clone(),
-                roles: key.roles.clone(),
-            }),
-            Err(e) => Err(fail((*e).clone(), claimed)),
+            Ok(key) => Ok(key),
+            Err(e) => {
+                if *e == AuthError::WrongSecret {
+                    self.refused.insert(digest, ());
+                    self.verifier.failed(source, &key.client_id);
+                }
+                Err(fail((*e).clone(), claimed))
+            }
         }
     }
 
@@ -268,23 +302,25 @@ fn cache_key(kind: u8, client_id: &str, secret: &str) -> [u8; 32] {
     out
 }
 
-fn parse_authorization(header: &HeaderValue) -> Option<Presented<'_>> {
+/// Parses the header without allocating; Basic's credential is decoded into
+/// `buffer`.
+fn parse_authorization<'a>(header: &'a HeaderValue, buffer: &'a mut [u8]) -> Option<Presented<'a>> {
     let text = header.to_str().ok()?;
     let (scheme, rest) = text.split_once(' ')?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest)
+        let n = base64::engine::general_purpose::STANDARD
+            .decode_slice(rest, buffer)
             .ok()?;
-        let decoded = String::from_utf8(decoded).ok()?;
-        let (client_id, secret) = decoded.split_once(':')?;
+        let decoded = std::str::from_utf8(&buffer[..n]).ok()?;
+        let (user, secret) = decoded.split_once(':')?;
+        // `client_id@domain` for clients that insist on an e-mail address; the
+        // domain is ignored (and never taken as an identity).
+        let client_id = user.split_once('@').map_or(user, |(id, _)| id);
         if client_id.is_empty() || secret.is_empty() {
             return None;
         }
-        Some(Presented::Basic {
-            client_id: client_id.to_owned(),
-            secret: secret.to_owned(),
-        })
+        Some(Presented::Basic { client_id, secret })
     } else if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
         Some(Presented::Bearer { secret: rest })
     } else {
@@ -344,6 +380,11 @@ pub fn new_secret(client_id: &str) -> String {
         "{SECRET_PREFIX}{suffix}_{}",
         random_alphanumeric(SECRET_RANDOM_LEN, false)
     )
+}
+
+/// The suffix a generated secret carries for this client_id (Bearer lookup).
+pub fn client_id_suffix(client_id: &str) -> Option<&str> {
+    client_id.rsplit_once('_').map(|(_, s)| s)
 }
 
 /// The rule for secrets a user chooses: 10 to 30 characters with at least three of

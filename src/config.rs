@@ -7,7 +7,6 @@
 
 mod interp;
 pub mod raw;
-pub mod reload;
 pub mod units;
 
 use std::fmt;
@@ -21,6 +20,15 @@ use serde::de::DeserializeOwned;
 use crate::route::{PathPattern, RoleRule, Route, RouteTable, KNOWN_METHODS};
 use raw::RawConfig;
 pub use units::{format_duration, parse_duration, parse_size};
+
+/// Where `${env:NAME}` looks names up: the process environment, or a table in
+/// tests.
+pub type Env = dyn Fn(&str) -> Option<String> + Sync;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
 
 /// A secret string: never printed by `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -41,6 +49,47 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A secret as the config writes it (`${env:…}`, `${file:…}` or literal),
+/// resolved only by the commands that use it: `explain` and `keys` run without
+/// the admin's secrets in the environment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    field: &'static str,
+    text: String,
+    base_dir: PathBuf,
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretRef({})", self.field)
+    }
+}
+
+impl SecretRef {
+    /// Resolves the reference; the error names the field.
+    pub fn resolve(&self, file: &Path, env: &Env) -> Result<Secret, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: file.display().to_string(),
+            field: self.field.to_owned(),
+            location: None,
+            message,
+        };
+        let value = interp::interpolate(&self.text, &self.base_dir, env).map_err(error)?;
+        if value.trim().is_empty() {
+            return Err(error("expected a secret, got an empty string".into()));
+        }
+        Ok(Secret(value))
+    }
+}
+
+/// The secrets of a config, resolved (by `run` and `check`).
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    pub api_token: Secret,
+    pub admin_token: Option<Secret>,
+    pub postgres_url: Option<Secret>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file this came from, for messages and reloads.
@@ -53,12 +102,50 @@ pub struct Config {
     pub routes: RouteTable,
     pub audit: Option<AuditSettings>,
     pub limits: Limits,
+    /// Shared state of a cluster; `None`: files, one node.
+    pub state: Option<StateSettings>,
+}
+
+/// `state:`: where a cluster of replicas keeps what they share.
+#[derive(Debug, Clone)]
+pub struct StateSettings {
+    /// This replica's name in audit records and metrics (default: the host name).
+    pub replica: String,
+    pub postgres: Option<PostgresSettings>,
+}
+
+/// `state.postgres`: the database replicas share.
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/db?sslmode=require`.
+    pub url: SecretRef,
+    /// Extra PEM CA bundle for the database's certificate.
+    pub ca_file: Option<PathBuf>,
+    pub pool_size: u32,
+    pub statement_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct Listen {
     pub address: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// What clients use to reach keygate (`https://keygate.example.com`), for
+    /// rewriting the site's URLs; `None`: the scheme and authority a request
+    /// arrived with.
+    pub public_url: Option<Origin>,
+}
+
+/// A scheme and authority: `https://keygate.example.com:8443`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +157,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Ops {
     pub address: SocketAddr,
-    pub admin_token: Option<Secret>,
+    pub admin_token: Option<SecretRef>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,10 +165,12 @@ pub struct Confluence {
     pub scheme: Scheme,
     pub authority: Authority,
     pub email: String,
-    pub api_token: Secret,
+    pub api_token: SecretRef,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Rewrite the site's URLs inside JSON bodies (`_links.base` and the like).
+    pub rewrite_json: bool,
 }
 
 impl Confluence {
@@ -118,6 +207,11 @@ pub struct AuditSettings {
     pub rotate_size: u64,
     pub keep: u32,
     pub record_passthrough: bool,
+    /// A durable write slower than this fails (bypass: 503), so a hung disk does
+    /// not hang requests.
+    pub write_timeout: Duration,
+    /// Rotation never deletes a file with bypass records younger than this.
+    pub bypass_retention: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +221,10 @@ pub struct Limits {
     pub upstream_backoff: bool,
     pub header_read_timeout: Duration,
     pub max_header_bytes: u64,
+    /// A connection with no request in flight and no bytes moving is closed.
+    pub idle_timeout: Duration,
+    /// A request or response body that sends nothing for this long fails.
+    pub body_idle_timeout: Duration,
 }
 
 /// One thing wrong with a configuration file.
@@ -199,12 +297,82 @@ pub fn from_yaml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, Conf
     })
 }
 
-/// Reads, parses and validates a configuration file.
+/// The largest configuration file read.
+pub const MAX_CONFIG_FILE: u64 = 4 << 20;
+/// The largest `${file:…}` secret read.
+pub const MAX_SECRET_FILE: u64 = 64 << 10;
+
+pub use crate::files::read_capped;
+
+/// Reads, parses and validates a configuration file. Secrets stay unresolved
+/// (`Config::secrets` resolves them).
 pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(file)
+    load_with(file, &process_env)
+}
+
+/// `load`, looking `${env:…}` up in `env`.
+pub fn load_with(file: &Path, env: &Env) -> Result<Config, ConfigErrors> {
+    let text = read_capped(file, MAX_CONFIG_FILE)
         .map_err(|e| ConfigErrors::single(file, "", format!("cannot read the file: {e}")))?;
     let raw: RawConfig = from_yaml(&text, file)?;
-    validate(raw, file)
+    validate(raw, file, env)
+}
+
+impl Config {
+    /// Resolves every secret the config names from the process environment and
+    /// files; all errors at once.
+    pub fn secrets(&self) -> Result<Secrets, ConfigErrors> {
+        self.secrets_with(&process_env)
+    }
+
+    /// `secrets`, looking `${env:…}` up in `env`.
+    pub fn secrets_with(&self, env: &Env) -> Result<Secrets, ConfigErrors> {
+        let mut errors = Vec::new();
+        let api_token = self
+            .confluence
+            .api_token
+            .resolve(&self.file, env)
+            .map_err(|e| errors.push(e))
+            .ok();
+        let admin_token = self
+            .ops
+            .as_ref()
+            .and_then(|o| o.admin_token.as_ref())
+            .and_then(|t| match t.resolve(&self.file, env) {
+                Ok(token) if token.expose().len() >= 16 => Some(token),
+                Ok(_) => {
+                    errors.push(ConfigError {
+                        file: self.file.display().to_string(),
+                        field: "ops.admin_token".into(),
+                        location: None,
+                        message: "expected a token of at least 16 characters".into(),
+                    });
+                    None
+                }
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            });
+        let postgres_url = self
+            .state
+            .as_ref()
+            .and_then(|s| s.postgres.as_ref())
+            .and_then(|p| {
+                p.url
+                    .resolve(&self.file, env)
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            });
+        match api_token {
+            Some(api_token) if errors.is_empty() => Ok(Secrets {
+                api_token,
+                admin_token,
+                postgres_url,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
 }
 
 /// Collects errors while validating, with the context to name them.
@@ -212,6 +380,7 @@ struct Check<'a> {
     file: &'a Path,
     base_dir: PathBuf,
     errors: Vec<ConfigError>,
+    env: &'a Env,
 }
 
 impl Check<'_> {
@@ -226,9 +395,18 @@ impl Check<'_> {
 
     /// The string after `${env:…}`/`${file:…}` interpolation.
     fn string(&mut self, field: &str, value: &str) -> Option<String> {
-        interp::interpolate(value, &self.base_dir)
+        interp::interpolate(value, &self.base_dir, self.env)
             .map_err(|m| self.error(field, m))
             .ok()
+    }
+
+    /// A secret, resolved later by the commands that need it.
+    fn secret(&mut self, field: &'static str, value: &str) -> SecretRef {
+        SecretRef {
+            field,
+            text: value.to_owned(),
+            base_dir: self.base_dir.clone(),
+        }
     }
 
     fn non_empty(&mut self, field: &str, value: &str, what: &str) -> Option<String> {
@@ -279,7 +457,7 @@ const PLACEHOLDER_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
 ));
 
 /// Validates a raw configuration; `file` is where it came from.
-pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErrors> {
+pub fn validate(raw: RawConfig, file: &Path, env: &Env) -> Result<Config, ConfigErrors> {
     let base_dir = file
         .parent()
         .map(Path::to_path_buf)
@@ -288,6 +466,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErrors> {
         file,
         base_dir,
         errors: Vec::new(),
+        env,
     };
 
     let listen = validate_listen(&mut c, &raw.listen);
@@ -295,20 +474,10 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErrors> {
         address: c
             .socket_addr("ops.address", &ops.address)
             .unwrap_or(PLACEHOLDER_ADDR),
-        admin_token: ops.admin_token.as_ref().and_then(|t| {
-            c.non_empty("ops.admin_token", t, "a token of at least 16 characters")
-                .and_then(|t| {
-                    if t.len() < 16 {
-                        c.error(
-                            "ops.admin_token",
-                            "expected a token of at least 16 characters",
-                        );
-                        None
-                    } else {
-                        Some(Secret(t))
-                    }
-                })
-        }),
+        admin_token: ops
+            .admin_token
+            .as_ref()
+            .map(|t| c.secret("ops.admin_token", t)),
     });
     let confluence = validate_confluence(&mut c, &raw.confluence);
     let admin_key = validate_admin_key(&mut c, &raw.admin_key);
@@ -332,6 +501,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErrors> {
         );
     }
     let limits = validate_limits(&mut c, &raw.limits);
+    let state = raw.state.as_ref().map(|st| validate_state(&mut c, st));
 
     if !c.errors.is_empty() {
         return Err(ConfigErrors(c.errors));
@@ -346,7 +516,73 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErrors> {
         routes,
         audit,
         limits,
+        state,
     })
+}
+
+fn validate_state(c: &mut Check<'_>, raw: &raw::RawState) -> StateSettings {
+    let replica = match &raw.replica {
+        Some(name) => c
+            .non_empty("state.replica", name, "a replica name")
+            .unwrap_or_default(),
+        None => host_name(),
+    };
+    if !replica
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || replica.len() > 64
+    {
+        c.error(
+            "state.replica",
+            format!("expected up to 64 letters, digits, `-`, `_` or `.`, got `{replica}`"),
+        );
+    }
+    let postgres = raw.postgres.as_ref().map(|pg| {
+        let pool_size = pg.pool_size.unwrap_or(8);
+        if !(2..=256).contains(&pool_size) {
+            c.error("state.postgres.pool_size", "expected 2 to 256");
+        }
+        let statement_timeout = c.duration(
+            "state.postgres.statement_timeout",
+            pg.statement_timeout.as_deref(),
+            Duration::from_secs(5),
+        );
+        if statement_timeout.is_zero() {
+            c.error(
+                "state.postgres.statement_timeout",
+                "expected a duration above zero",
+            );
+        }
+        let ca_file = pg
+            .ca_file
+            .as_ref()
+            .and_then(|p| c.path("state.postgres.ca_file", p));
+        if let Some(path) = &ca_file {
+            if let Err(e) = crate::tls::read_ca_bundle(path) {
+                c.error("state.postgres.ca_file", e.to_string());
+            }
+        }
+        PostgresSettings {
+            url: c.secret("state.postgres.url", &pg.url),
+            ca_file,
+            pool_size,
+            statement_timeout,
+        }
+    });
+    StateSettings { replica, postgres }
+}
+
+/// This machine's host name (a pod's name on Kubernetes), for replica names.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keygate".into())
 }
 
 fn validate_listen(c: &mut Check<'_>, raw: &raw::RawListen) -> Listen {
@@ -361,7 +597,48 @@ fn validate_listen(c: &mut Check<'_>, raw: &raw::RawListen) -> Listen {
         }
         Some(TlsFiles { cert, key })
     });
-    Listen { address, tls }
+    let public_url = raw.public_url.as_ref().and_then(|u| {
+        let url = c.non_empty(
+            "listen.public_url",
+            u,
+            "a URL like `https://keygate.example.com`",
+        )?;
+        match parse_origin(&url) {
+            Ok(origin) => Some(origin),
+            Err(m) => {
+                c.error("listen.public_url", m);
+                None
+            }
+        }
+    });
+    Listen {
+        address,
+        tls,
+        public_url,
+    }
+}
+
+/// An origin URL (`https://host[:port]`, no path), as `listen.public_url` takes it.
+fn parse_origin(url: &str) -> Result<Origin, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| format!("expected a URL like `https://keygate.example.com`, got `{url}`"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .filter(|s| *s == Scheme::HTTP || *s == Scheme::HTTPS)
+        .ok_or_else(|| format!("expected an http or https URL, got `{url}`"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .filter(|a| !a.as_str().contains('@'))
+        .ok_or_else(|| format!("expected a host and no user name in `{url}`"))?;
+    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+        return Err(format!(
+            "expected only scheme and host, like `{scheme}://{authority}` (keygate serves the site's paths as they are)"
+        ));
+    }
+    Ok(Origin { scheme, authority })
 }
 
 fn validate_confluence(c: &mut Check<'_>, raw: &raw::RawConfluence) -> Confluence {
@@ -376,14 +653,7 @@ fn validate_confluence(c: &mut Check<'_>, raw: &raw::RawConfluence) -> Confluenc
     let email = c
         .non_empty("confluence.email", &raw.email, "the admin account's email")
         .unwrap_or_default();
-    let api_token = c
-        .non_empty(
-            "confluence.api_token",
-            &raw.api_token,
-            "the admin's API token",
-        )
-        .map(Secret)
-        .unwrap_or_else(|| Secret(String::new()));
+    let api_token = c.secret("confluence.api_token", &raw.api_token);
     let connect_timeout = c.duration(
         "confluence.connect_timeout",
         raw.connect_timeout.as_deref(),
@@ -419,6 +689,7 @@ fn validate_confluence(c: &mut Check<'_>, raw: &raw::RawConfluence) -> Confluenc
         connect_timeout,
         request_timeout,
         ca_file,
+        rewrite_json: raw.rewrite_json.unwrap_or(true),
     }
 }
 
@@ -580,6 +851,7 @@ fn validate_routes(c: &mut Check<'_>, raw: &[raw::RawRoute]) -> RouteTable {
         if let Some(pattern) = pattern {
             routes.push(Route {
                 name: r.name.clone(),
+                shared_name: r.name.as_str().into(),
                 methods,
                 pattern,
                 roles: RoleRule::from_names(&r.roles),
@@ -601,11 +873,26 @@ fn validate_audit(c: &mut Check<'_>, raw: &raw::RawAudit) -> AuditSettings {
     if rotate_size < 4096 {
         c.error("audit.rotate_size", "expected at least 4KiB");
     }
+    let write_timeout = c.duration(
+        "audit.write_timeout",
+        raw.write_timeout.as_deref(),
+        Duration::from_secs(5),
+    );
+    if write_timeout < Duration::from_millis(100) {
+        c.error("audit.write_timeout", "expected at least 100ms");
+    }
+    let bypass_retention = c.duration(
+        "audit.bypass_retention",
+        raw.bypass_retention.as_deref(),
+        Duration::from_secs(24 * 3600),
+    );
     AuditSettings {
         sink,
         rotate_size,
         keep: raw.keep.unwrap_or(10),
         record_passthrough: raw.record_passthrough.unwrap_or(true),
+        write_timeout,
+        bypass_retention,
     }
 }
 
@@ -636,12 +923,32 @@ fn validate_limits(c: &mut Check<'_>, raw: &raw::RawLimits) -> Limits {
             "expected a size from 8KiB to 1MiB",
         );
     }
+    let idle_timeout = c.duration(
+        "limits.idle_timeout",
+        raw.idle_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
+    let body_idle_timeout = c.duration(
+        "limits.body_idle_timeout",
+        raw.body_idle_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
+    for (field, d) in [
+        ("limits.idle_timeout", idle_timeout),
+        ("limits.body_idle_timeout", body_idle_timeout),
+    ] {
+        if d < Duration::from_secs(1) {
+            c.error(field, "expected at least 1s");
+        }
+    }
     Limits {
         max_connections,
         per_client_rps: raw.per_client_rps.unwrap_or(50),
         upstream_backoff: raw.upstream_backoff.unwrap_or(true),
         header_read_timeout,
         max_header_bytes,
+        idle_timeout,
+        body_idle_timeout,
     }
 }
 

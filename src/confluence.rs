@@ -133,11 +133,18 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The admin-key endpoints over the pooled client, with the current generation's
-/// admin credential and timeout.
+/// The admin's credential and the wait bound, replaced on reload.
+#[derive(Debug, Clone)]
+pub struct AdminCredential {
+    pub authorization: HeaderValue,
+    pub request_timeout: Duration,
+}
+
+/// The admin-key endpoints over the pooled client, with the current admin
+/// credential and timeout.
 pub struct UpstreamAdminApi {
     pub upstream: Upstream,
-    pub gateway: std::sync::Arc<arc_swap::ArcSwap<crate::proxy::Gateway>>,
+    pub credential: std::sync::Arc<arc_swap::ArcSwap<AdminCredential>>,
 }
 
 /// The largest admin-key answer keygate reads.
@@ -151,8 +158,8 @@ impl crate::admin_key::AdminKeyApi for UpstreamAdminApi {
     ) -> Result<crate::admin_key::ApiReply, String> {
         use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, DATE, HOST, RETRY_AFTER};
         use http_body_util::BodyExt as _;
-        let gateway = self.gateway.load_full();
-        let timeout = gateway.config.confluence.request_timeout;
+        let credential = self.credential.load_full();
+        let timeout = credential.request_timeout;
         let uri = self
             .upstream
             .uri("/wiki/api/v2/admin-key", None)
@@ -166,7 +173,7 @@ impl crate::admin_key::AdminKeyApi for UpstreamAdminApi {
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
-        headers.insert(AUTHORIZATION, gateway.admin_authorization.clone());
+        headers.insert(AUTHORIZATION, credential.authorization.clone());
         headers.insert(HOST, self.upstream.host().clone());
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         if method == http::Method::POST {

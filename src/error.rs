@@ -6,9 +6,13 @@ use std::time::Duration;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
+use crate::admin_key::Unavailable;
+use crate::audit::AuditError;
 use crate::body::{full, Body};
+use crate::client_keys::AuthError;
+use crate::confluence::UpstreamError;
 use crate::headers::X_REQUEST_ID;
-use crate::route::PathError;
+use crate::route::{Denied, PathError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -19,11 +23,17 @@ pub enum ProxyError {
     #[error("authentication required")]
     Unauthorized,
     #[error("no route admits this request")]
-    Forbidden,
+    Forbidden(Denied),
+    #[error("too many failed verifications or verifications at once")]
+    AuthThrottled { retry_after: Duration },
     #[error("Confluence could not be reached")]
     UpstreamUnreachable,
     #[error("Confluence did not answer in time")]
     UpstreamTimeout,
+    #[error("Confluence rejected the admin credential")]
+    UpstreamCredentialsRejected,
+    #[error("Confluence answered with a protocol switch keygate does not relay")]
+    UpstreamProtocol,
     #[error("no admin key available")]
     AdminKeyUnavailable { retry_after: Duration },
     #[error("audit trail unavailable")]
@@ -51,7 +61,8 @@ impl ProxyError {
         match self {
             ProxyError::BadPath(_) | ProxyError::DuplicateAuthorization => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } | ProxyError::UpstreamBackoff { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -61,7 +72,9 @@ impl ProxyError {
             ProxyError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::KeysFileReadOnly => StatusCode::CONFLICT,
             ProxyError::KeysFileError => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamCredentialsRejected
+            | ProxyError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::AdminKeyUnavailable { .. } | ProxyError::AuditUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -75,7 +88,8 @@ impl ProxyError {
             ProxyError::BadPath(_) => "invalid_path",
             ProxyError::DuplicateAuthorization => "duplicate_authorization",
             ProxyError::Unauthorized => "unauthorized",
-            ProxyError::Forbidden => "forbidden",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::AuthThrottled { .. } => "auth_throttled",
             ProxyError::NotFound => "not_found",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBackoff { .. } => "upstream_backoff",
@@ -86,6 +100,8 @@ impl ProxyError {
             ProxyError::KeysFileError => "keys_file_error",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamCredentialsRejected => "upstream_credentials_rejected",
+            ProxyError::UpstreamProtocol => "upstream_protocol",
             ProxyError::AdminKeyUnavailable { .. } => "admin_key_unavailable",
             ProxyError::AuditUnavailable => "audit_unavailable",
         }
@@ -101,7 +117,15 @@ impl ProxyError {
                 "authenticate with an API access key: Basic client_id:client_secret or Bearer client_secret"
                     .to_owned()
             }
-            ProxyError::Forbidden => "no route allows this request for this key".to_owned(),
+            ProxyError::Forbidden(Denied::NoPathMatch) => {
+                "no route covers this path (paths are matched exactly: Confluence Cloud paths start with /wiki/)".to_owned()
+            }
+            ProxyError::Forbidden(Denied::NotAdmitted) => {
+                "routes cover this path, but none allows this method for this key's roles".to_owned()
+            }
+            ProxyError::AuthThrottled { .. } => {
+                "too many failed authentications from this address or for this client, or too many at once; retry later".to_owned()
+            }
             ProxyError::NotFound => "no such resource".to_owned(),
             ProxyError::RateLimited { .. } => {
                 "this key sends more requests per second than allowed; retry later".to_owned()
@@ -118,6 +142,12 @@ impl ProxyError {
             ProxyError::KeysFileError => "the keys file could not be changed; see the logs".to_owned(),
             ProxyError::UpstreamUnreachable => "Confluence could not be reached".to_owned(),
             ProxyError::UpstreamTimeout => "Confluence did not answer in time".to_owned(),
+            ProxyError::UpstreamCredentialsRejected => {
+                "Confluence rejected keygate's admin credential; your own key is fine. Operators: see /readyz".to_owned()
+            }
+            ProxyError::UpstreamProtocol => {
+                "Confluence answered with a protocol switch, which keygate does not relay".to_owned()
+            }
             ProxyError::AdminKeyUnavailable { .. } => {
                 "the Confluence admin key is not available right now; retry later".to_owned()
             }
@@ -131,6 +161,7 @@ impl ProxyError {
         match self {
             ProxyError::AdminKeyUnavailable { retry_after }
             | ProxyError::RateLimited { retry_after }
+            | ProxyError::AuthThrottled { retry_after }
             | ProxyError::UpstreamBackoff { retry_after } => Some(*retry_after),
             ProxyError::AuditUnavailable => Some(Duration::from_secs(5)),
             _ => None,
@@ -168,5 +199,54 @@ impl ProxyError {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
+    }
+}
+
+impl From<PathError> for ProxyError {
+    fn from(e: PathError) -> Self {
+        ProxyError::BadPath(e)
+    }
+}
+
+impl From<Denied> for ProxyError {
+    fn from(d: Denied) -> Self {
+        ProxyError::Forbidden(d)
+    }
+}
+
+impl From<AuthError> for ProxyError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Throttled(_, retry_after) => ProxyError::AuthThrottled { retry_after },
+            AuthError::Busy => ProxyError::AuthThrottled {
+                retry_after: Duration::from_secs(1),
+            },
+            _ => ProxyError::Unauthorized,
+        }
+    }
+}
+
+impl From<Unavailable> for ProxyError {
+    fn from(u: Unavailable) -> Self {
+        tracing::debug!(reason = %u.reason, "bypass refused: no admin key");
+        ProxyError::AdminKeyUnavailable {
+            retry_after: u.retry_after,
+        }
+    }
+}
+
+impl From<AuditError> for ProxyError {
+    fn from(e: AuditError) -> Self {
+        tracing::debug!(error = %e, "bypass refused: audit trail unavailable");
+        ProxyError::AuditUnavailable
+    }
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Timeout => ProxyError::UpstreamTimeout,
+            UpstreamError::Unreachable(_) => ProxyError::UpstreamUnreachable,
+        }
     }
 }

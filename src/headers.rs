@@ -4,14 +4,16 @@
 //! servers treat `Atl_Confluence_With_Admin_Key` as the bypass header. Hop-by-hop
 //! headers, including every header a client names in `Connection`, are removed
 //! *before* keygate adds its own, so `Connection: Authorization` cannot remove what
-//! keygate adds.
+//! keygate adds. Trailers follow the same rules: client trailers are never
+//! forwarded, response trailers are cleaned like response headers.
 //!
 //! Invariants: nothing a client sends can add, remove or alter the bypass header or
-//! the admin credential upstream; `Set-Cookie` never reaches a client.
+//! the admin credential upstream; `Set-Cookie` never reaches a client. No name is
+//! copied or lower-cased into a new string: names are compared byte by byte.
 
 use std::net::SocketAddr;
 
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, SET_COOKIE};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
 use http::HeaderMap;
 
 /// The header that makes Confluence honour the admin key.
@@ -22,61 +24,91 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the ones older software still sends).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+const HOP_BY_HOP: &[&[u8]] = &[
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-authenticate",
+    b"proxy-authorization",
 ];
 
 /// Request headers a client may never pass through, besides hop-by-hop ones.
 /// `expect` goes too: keygate answers `100-continue` itself.
-const CLIENT_CREDENTIALS: &[&str] = &[
-    "authorization",
-    "atl-confluence-with-admin-key",
-    "cookie",
-    "forwarded",
-    "host",
-    "x-request-id",
-    "expect",
+const CLIENT_CREDENTIALS: &[&[u8]] = &[
+    b"authorization",
+    b"atl-confluence-with-admin-key",
+    b"cookie",
+    b"forwarded",
+    b"host",
+    b"x-request-id",
+    b"expect",
 ];
 
-/// A header name lower-cased with `_` taken as `-`.
-fn normalise(name: &str) -> String {
-    name.bytes()
-        .map(|b| match b {
-            b'_' => '-',
-            b => char::from(b.to_ascii_lowercase()),
+/// Response headers a client never gets: the admin's session.
+const RESPONSE_SECRETS: &[&[u8]] = &[b"set-cookie", b"set-cookie2"];
+
+/// `a` equals the lower-case `b` with `_` taken as `-`, ignoring ASCII case.
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            let x = if *x == b'_' {
+                b'-'
+            } else {
+                x.to_ascii_lowercase()
+            };
+            x == *y
         })
-        .collect()
 }
 
-/// The normalised names listed in every `Connection` header.
-fn connection_named(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| normalise(n.trim()))
-        .filter(|n| !n.is_empty())
-        .collect()
+fn starts_with_name(a: &[u8], prefix: &[u8]) -> bool {
+    a.len() > prefix.len() && same_name(&a[..prefix.len()], prefix)
 }
 
-fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| drop(&normalise(name.as_str())))
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(&name);
+/// Whether `name` is listed in one of the `Connection` headers.
+fn connection_names(headers: &HeaderMap, name: &[u8]) -> bool {
+    headers.get_all(CONNECTION).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .map(|t| t.trim_ascii())
+            .any(|token| {
+                token.len() == name.len()
+                    && token.iter().zip(name).all(|(t, n)| {
+                        let t = if *t == b'_' {
+                            b'-'
+                        } else {
+                            t.to_ascii_lowercase()
+                        };
+                        let n = if *n == b'_' {
+                            b'-'
+                        } else {
+                            n.to_ascii_lowercase()
+                        };
+                        t == n
+                    })
+            })
+    })
+}
+
+/// Removes every header for which `drop(name, headers)` holds.
+fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&[u8], &HeaderMap) -> bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if drop(name.as_str().as_bytes(), headers) {
+            doomed.push(name.clone());
+        }
     }
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| same_name(name, h))
 }
 
 /// How many `Authorization` headers the client sent (more than one is refused).
@@ -86,21 +118,47 @@ pub fn authorization_count(headers: &HeaderMap) -> usize {
 
 /// Removes from a client's request every header that must not reach Confluence.
 pub fn strip_request(headers: &mut HeaderMap) {
-    let named = connection_named(headers);
-    remove_where(headers, |n| {
-        HOP_BY_HOP.contains(&n)
-            || CLIENT_CREDENTIALS.contains(&n)
-            || n.starts_with("x-forwarded-")
-            || named.iter().any(|c| c == n)
+    let named = headers.contains_key(CONNECTION);
+    remove_where(headers, |n, all| {
+        is_hop_by_hop(n)
+            || CLIENT_CREDENTIALS.iter().any(|c| same_name(n, c))
+            || starts_with_name(n, b"x-forwarded-")
+            || (named && connection_names(all, n))
     });
 }
 
-/// Removes from Confluence's response what must not reach a client.
+/// Removes from Confluence's response (headers or trailers) what must not reach a
+/// client.
 pub fn strip_response(headers: &mut HeaderMap) {
-    let named = connection_named(headers);
-    remove_where(headers, |n| {
-        HOP_BY_HOP.contains(&n) || n == SET_COOKIE.as_str() || named.iter().any(|c| c == n)
+    let named = headers.contains_key(CONNECTION);
+    remove_where(headers, |n, all| {
+        is_hop_by_hop(n)
+            || RESPONSE_SECRETS.iter().any(|c| same_name(n, c))
+            || (named && connection_names(all, n))
     });
+}
+
+/// The `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Proto` values of one
+/// connection, built once when it is accepted.
+#[derive(Debug, Clone)]
+pub struct ForwardedFor {
+    forwarded: HeaderValue,
+    x_forwarded_for: HeaderValue,
+    proto: HeaderValue,
+}
+
+impl ForwardedFor {
+    pub fn new(peer: SocketAddr, proto: &'static str) -> Self {
+        let forwarded = HeaderValue::from_str(&format!("for=\"{peer}\";proto={proto}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("for=unknown"));
+        let x_forwarded_for = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ForwardedFor {
+            forwarded,
+            x_forwarded_for,
+            proto: HeaderValue::from_static(proto),
+        }
+    }
 }
 
 /// What keygate adds to every forwarded request.
@@ -109,8 +167,7 @@ pub struct UpstreamHeaders<'a> {
     pub host: &'a HeaderValue,
     pub bypass: bool,
     pub request_id: &'a HeaderValue,
-    pub peer: SocketAddr,
-    pub proto: &'static str,
+    pub forwarded: &'a ForwardedFor,
 }
 
 /// Adds keygate's own headers; call after `strip_request`.
@@ -121,17 +178,12 @@ pub fn add_upstream(headers: &mut HeaderMap, add: &UpstreamHeaders<'_>) {
         headers.insert(BYPASS_HEADER.clone(), HeaderValue::from_static("true"));
     }
     headers.insert(X_REQUEST_ID.clone(), add.request_id.clone());
-    let forwarded = format!("for=\"{}\";proto={}", add.peer, add.proto);
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert(FORWARDED.clone(), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&add.peer.ip().to_string()) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    headers.insert(FORWARDED.clone(), add.forwarded.forwarded.clone());
     headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(add.proto),
+        X_FORWARDED_FOR.clone(),
+        add.forwarded.x_forwarded_for.clone(),
     );
+    headers.insert(X_FORWARDED_PROTO.clone(), add.forwarded.proto.clone());
 }
 
 /// The client's `X-Request-Id` when it is safe to reuse: `[A-Za-z0-9._:-]{1,128}`.
@@ -157,159 +209,13 @@ pub fn new_request_id() -> HeaderValue {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let random: [u8; 10] = rand::thread_rng().gen();
+    let mut buf = uuid::Uuid::encode_buffer();
     let id = uuid::Builder::from_unix_timestamp_millis(millis, &random)
         .into_uuid()
         .hyphenated()
-        .to_string();
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        .encode_lower(&mut buf);
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    fn names(h: &HeaderMap) -> Vec<String> {
-        let mut n: Vec<String> = h.keys().map(|k| k.to_string()).collect();
-        n.sort();
-        n
-    }
-
-    type Pairs<'a> = &'a [(&'a str, &'a str)];
-
-    #[test]
-    fn request_stripping_table() {
-        let cases: &[(Pairs, &[&str])] = &[
-            (
-                &[("Authorization", "Basic x"), ("Accept", "*/*")],
-                &["accept"],
-            ),
-            (&[("Atl-Confluence-With-Admin-Key", "true")], &[]),
-            (&[("atl_confluence_with_admin_key", "true")], &[]),
-            (&[("ATL_CONFLUENCE-WITH_ADMIN-KEY", "yes")], &[]),
-            (&[("Cookie", "a=b"), ("Proxy-Authorization", "x")], &[]),
-            (
-                &[("Forwarded", "for=1.2.3.4"), ("X-Forwarded-For", "1.2.3.4")],
-                &[],
-            ),
-            (
-                &[("X-Forwarded-Host", "evil"), ("x_forwarded_proto", "https")],
-                &[],
-            ),
-            (
-                &[
-                    ("Connection", "keep-alive, X-Custom"),
-                    ("X-Custom", "1"),
-                    ("X-Other", "2"),
-                ],
-                &["x-other"],
-            ),
-            (&[("Connection", "x_custom"), ("X-Custom", "1")], &[]),
-            (
-                &[
-                    ("Keep-Alive", "5"),
-                    ("TE", "trailers"),
-                    ("Trailer", "x"),
-                    ("Upgrade", "h2c"),
-                ],
-                &[],
-            ),
-            (
-                &[("Transfer-Encoding", "chunked"), ("Content-Length", "5")],
-                &["content-length"],
-            ),
-            (
-                &[
-                    ("Host", "keygate"),
-                    ("X-Request-Id", "abc"),
-                    ("Expect", "100-continue"),
-                ],
-                &[],
-            ),
-            (
-                &[("Content-Type", "application/json"), ("User-Agent", "t")],
-                &["content-type", "user-agent"],
-            ),
-        ];
-        for (input, kept) in cases {
-            let mut h = map(input);
-            strip_request(&mut h);
-            assert_eq!(names(&h), *kept, "{input:?}");
-        }
-    }
-
-    #[test]
-    fn connection_cannot_remove_what_keygate_adds() {
-        let mut h = map(&[(
-            "Connection",
-            "Authorization, Atl-Confluence-With-Admin-Key, X-Request-Id, Host, Forwarded",
-        )]);
-        strip_request(&mut h);
-        let auth = HeaderValue::from_static("Basic YWRtaW46dG9rZW4=");
-        let host = HeaderValue::from_static("site.example");
-        let rid = HeaderValue::from_static("rid-1");
-        add_upstream(
-            &mut h,
-            &UpstreamHeaders {
-                authorization: &auth,
-                host: &host,
-                bypass: true,
-                request_id: &rid,
-                peer: "[2001:db8::1]:4711".parse().unwrap(),
-                proto: "https",
-            },
-        );
-        assert_eq!(h.get_all(AUTHORIZATION).iter().count(), 1);
-        assert_eq!(h[&BYPASS_HEADER], "true");
-        assert_eq!(h[&X_REQUEST_ID], "rid-1");
-        assert_eq!(h[HOST], "site.example");
-        assert_eq!(h[&FORWARDED], "for=\"[2001:db8::1]:4711\";proto=https");
-        assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
-        assert_eq!(h[&X_FORWARDED_PROTO], "https");
-    }
-
-    #[test]
-    fn response_stripping_removes_cookies_and_hop_by_hop() {
-        let mut h = map(&[
-            ("Set-Cookie", "a=b"),
-            ("set-cookie", "c=d"),
-            ("Connection", "close, X-Internal"),
-            ("X-Internal", "1"),
-            ("Content-Type", "application/json"),
-        ]);
-        strip_response(&mut h);
-        assert_eq!(names(&h), ["content-type"]);
-    }
-
-    #[test]
-    fn client_request_ids() {
-        let cases: &[(Pairs, bool)] = &[
-            (&[("X-Request-Id", "abc-123._:Z")], true),
-            (&[("X-Request-Id", "has space")], false),
-            (&[("X-Request-Id", "")], false),
-            (&[("X-Request-Id", "a"), ("X-Request-Id", "b")], false),
-            (&[("X-Request-Id", &"x".repeat(128))], true),
-            (&[("X-Request-Id", &"x".repeat(129))], false),
-            (&[("X-Request-Id", "\"quoted\"")], false),
-            (&[], false),
-        ];
-        for (input, reused) in cases {
-            assert_eq!(
-                client_request_id(&map(input)).is_some(),
-                *reused,
-                "{input:?}"
-            );
-        }
-        assert_eq!(new_request_id().len(), 36);
-    }
-}
+mod tests;

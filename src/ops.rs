@@ -1,47 +1,52 @@
-//! The ops listener: liveness, readiness. Readiness is a latch of named reasons:
-//! any component may set or clear its own; the process is ready when none is set.
+//! The ops listener: `/healthz`, `/readyz`, `/metrics` and the key API. It answers
+//! from what its host (the running keygate) tells it, through `OpsHost`.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+pub mod key_api;
+
+use std::sync::Arc;
 
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::{full, Body};
+use crate::client_keys::store::{BoxFuture, KeyBackend};
+use crate::config::Secret;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::proxy::ConnInfo;
-use crate::server::Handler;
+use crate::server::{ConnInfo, Handler};
+pub use key_api::Change;
 
-/// Why the process is not ready, by component.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    reasons: Mutex<BTreeMap<&'static str, String>>,
+/// Held while a key change is made and applied: no reload interleaves, so the
+/// change is recorded under the caller that made it.
+pub struct KeyChangeGuard(pub tokio::sync::OwnedMutexGuard<()>);
+
+/// What the ops listener needs from the running keygate.
+pub trait OpsHost: Send + Sync + 'static {
+    /// Why the process is not ready (empty: ready).
+    fn not_ready(&self) -> Vec<String>;
+
+    /// The metrics exposition text and its content type.
+    fn metrics(&self) -> (String, &'static str);
+
+    /// The admin token and the key store, when the key API is on.
+    fn key_api(&self) -> Option<(Secret, Arc<dyn KeyBackend>)>;
+
+    /// Waits for the right to change keys.
+    fn changing_keys(&self) -> BoxFuture<'_, KeyChangeGuard>;
+
+    /// Records `changes` as made by `principal` and applies them (a reload)
+    /// before the guard is released.
+    fn keys_changed(
+        &self,
+        guard: KeyChangeGuard,
+        principal: String,
+        changes: Vec<Change>,
+    ) -> BoxFuture<'_, ()>;
 }
 
-impl Readiness {
-    /// Sets `component`'s reason; returns whether it changed (to log once, not per request).
-    pub fn set(&self, component: &'static str, reason: impl Into<String>) -> bool {
-        let reason = reason.into();
-        let mut map = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(component, reason.clone()).as_deref() != Some(reason.as_str())
-    }
-
-    /// Clears `component`'s reason; returns whether one was set.
-    pub fn clear(&self, component: &'static str) -> bool {
-        let mut map = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(component).is_some()
-    }
-
-    pub fn reasons(&self) -> Vec<String> {
-        let map = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter().map(|(k, v)| format!("{k}: {v}")).collect()
-    }
-}
-
-pub struct OpsService {
-    pub control: crate::Control,
+pub struct OpsHandler<H: OpsHost> {
+    pub host: Arc<H>,
 }
 
 /// The largest key API request body.
@@ -60,20 +65,14 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     response
 }
 
-impl OpsService {
+impl<H: OpsHost> OpsHandler<H> {
     async fn key_api(
         &self,
         request: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<Body>, ProxyError> {
         use http_body_util::BodyExt as _;
-        let gateway = self.control.gateway();
-        let Some(token) = gateway
-            .config
-            .ops
-            .as_ref()
-            .and_then(|o| o.admin_token.clone())
-        else {
+        let Some((token, keys)) = self.host.key_api() else {
             return Err(ProxyError::NotFound);
         };
         let rest = request.uri().path()[KEY_API.len()..].to_owned();
@@ -81,7 +80,7 @@ impl OpsService {
             return Err(ProxyError::NotFound);
         }
         let presented = request.headers().get(http::header::AUTHORIZATION);
-        if !crate::client_keys::api::admin_token_matches(presented, token.expose()) {
+        if !key_api::admin_token_matches(presented, token.expose()) {
             tracing::warn!(peer = %conn.peer, "key API call without the admin token");
             return Err(ProxyError::AdminUnauthorized);
         }
@@ -95,34 +94,37 @@ impl OpsService {
                 ))
             })?
             .to_bytes();
-        let keys_file = gateway.config.clients.keys_file.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            crate::client_keys::api::handle(&keys_file, &method, &rest, &body)
-        })
-        .await
-        .map_err(|_| ProxyError::KeysFileError)??;
+        if method == Method::GET || method == Method::HEAD {
+            let answer = key_api::handle(keys.as_ref(), &method, &rest, &body).await?;
+            return Ok(json(answer.status, &answer.body));
+        }
+        // A change: made and applied before the answer, under the change lock.
+        let guard = self.host.changing_keys().await;
+        let answer = key_api::handle(keys.as_ref(), &method, &rest, &body).await?;
+        let principal = format!("key API (ops admin token) from {}", conn.peer.ip());
         for change in &answer.changes {
-            tracing::info!(action = change.action, client_id = %change.client_id, key_id = %change.key_id, peer = %conn.peer, "key API changed the keys file");
+            tracing::info!(action = change.action, client_id = %change.client_id, key_id = %change.key_id, peer = %conn.peer, "key API changed a key");
         }
-        if !answer.changes.is_empty() {
-            // Apply at once rather than at the next poll; a refused reload keeps the
-            // old keys and is logged.
-            let _ = self.control.reload(&format!(
-                "key API (ops admin token) from {}",
-                conn.peer.ip()
-            ));
-        }
+        self.host
+            .keys_changed(guard, principal, answer.changes.clone())
+            .await;
         Ok(json(answer.status, &answer.body))
     }
 }
 
-impl Handler for OpsService {
-    async fn call(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+impl<H: OpsHost> Handler for OpsHandler<H> {
+    type Conn = ConnInfo;
+
+    fn connect(&self, info: ConnInfo) -> ConnInfo {
+        info
+    }
+
+    async fn call(&self, request: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
         let get = matches!(*request.method(), Method::GET | Method::HEAD);
         let path = request.uri().path();
         if path == KEY_API || path.starts_with("/api/api_accesses/") {
             let request_id = headers::new_request_id();
-            return match self.key_api(request, conn).await {
+            return match self.key_api(request, *conn).await {
                 Ok(response) => response,
                 Err(e) => e.to_response(&request_id),
             };
@@ -130,7 +132,7 @@ impl Handler for OpsService {
         match path {
             "/healthz" if get => json(StatusCode::OK, &serde_json::json!({"ok": true})),
             "/readyz" if get => {
-                let reasons = self.control.readiness.reasons();
+                let reasons = self.host.not_ready();
                 let ready = reasons.is_empty();
                 let status = if ready {
                     StatusCode::OK
@@ -143,15 +145,11 @@ impl Handler for OpsService {
                 )
             }
             "/metrics" if get => {
-                let mut gauges = Vec::new();
-                if let Some(left) = self.control.admin_keys().seconds_left() {
-                    gauges.push(("keygate_admin_key_seconds_left", left));
-                }
-                let mut response = Response::new(full(self.control.metrics().render(&gauges)));
-                response.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
+                let (text, content_type) = self.host.metrics();
+                let mut response = Response::new(full(text));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 response
             }
             _ => ProxyError::NotFound.to_response(&headers::new_request_id()),

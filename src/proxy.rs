@@ -1,24 +1,28 @@
-//! The request pipeline, top to bottom. Every request goes through these steps in
-//! this order, and each refusal happens before anything reaches Confluence:
+//! The request pipeline, top to bottom. Every request goes through these phases
+//! in this order, and each refusal happens before anything reaches Confluence:
 //!
 //! 1. request id: the client's if well-formed, else a new UUIDv7;
 //! 2. target: origin form only, canonical path (400) — the path matched is the
 //!    path forwarded;
-//! 3. exactly one credential (400), then authentication (401);
-//! 4. the first route admitting method, path and roles decides (403);
-//! 5. bypass routes only: an active admin key behind the request, and its
-//!    `phase: "start"` audit record durable on disk;
-//! 6. forward with the admin credential, streaming both ways;
+//! 3. exactly one credential (400), then authentication (401, 429 when over the
+//!    verification bounds);
+//! 4. the key's rate (429), then the first route admitting method, path and roles
+//!    decides (403);
+//! 5. Confluence's own back-off (429); bypass routes only: an active admin key
+//!    behind the request, and its `phase: "start"` audit record durable;
+//! 6. forward with the admin credential, streaming both ways (`proxy/forward.rs`);
 //! 7. clean the response and stream it back; its audit record is written when the
 //!    body ends, for every outcome.
 
 mod exchange;
+mod forward;
 mod limits;
-pub mod metered;
+mod rewrite;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, AUTHORIZATION};
@@ -26,281 +30,359 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 
 use crate::admin_key::AdminKeys;
+use crate::audit::record::{self, AuthFailureSummary};
 use crate::audit::Audit;
-use crate::body::{self, Body};
-use crate::client_keys::{KeyStore, Principal};
-use crate::config::Config;
-use crate::confluence::{Upstream, UpstreamAdminApi, UpstreamError};
+use crate::body::Body;
+use crate::client_keys::{ApiKey, KeyStore};
+use crate::confluence::Upstream;
 use crate::error::ProxyError;
-use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
-use crate::metrics::Metrics;
-use crate::route::{CanonicalPath, PathError};
+use crate::headers::{self, ForwardedFor};
+use crate::log_sink::{AccessLine, LogSink};
+use crate::metrics::{Metrics, RouteCounters};
+use crate::readiness::Readiness;
+use crate::route::{CanonicalPath, PathError, Route, RouteTable};
+use crate::server::{ConnInfo, Handler};
 pub use exchange::Exchange;
+pub use limits::{AuthRecords, UpstreamBackoff};
+pub use rewrite::Site;
 
-/// Everything one configuration generation decides with; replaced whole on reload.
-pub struct Gateway {
-    pub config: Config,
+/// Everything one configuration generation decides requests with; replaced whole
+/// on reload.
+pub struct Policy {
+    /// Increases with every generation (a connection's remembered key is only
+    /// good for the generation that verified it).
+    pub generation: u64,
+    pub routes: RouteTable,
     pub keys: KeyStore,
     pub admin_authorization: HeaderValue,
-    /// The config and keys files as they were when this generation was read.
-    pub loaded_files: crate::config::reload::Fingerprint,
+    pub request_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub per_client_rps: u32,
+    pub upstream_backoff: bool,
+    /// `listen.public_url`, as an origin string.
+    pub public_origin: Option<String>,
+    pub rewrite_json: bool,
+    pub counters: RouteCounters,
 }
 
-/// The connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// `http` or `https`, for `X-Forwarded-Proto`.
-    pub proto: &'static str,
-}
-
-pub type SiteAdminKeys = AdminKeys<UpstreamAdminApi>;
-
+/// The parts of the proxy that live as long as the process.
 pub struct Proxy {
-    pub gateway: Arc<ArcSwap<Gateway>>,
-    pub upstream: Upstream,
-    pub admin_keys: Arc<SiteAdminKeys>,
-    pub metrics: Arc<Metrics>,
-    pub audit: Option<Audit>,
+    pub policy: Arc<ArcSwap<Policy>>,
+    upstream: Upstream,
+    site: Site,
+    admin_keys: AdminKeys,
+    audit: Option<Audit>,
+    metrics: Arc<Metrics>,
+    log: Option<LogSink>,
+    readiness: Arc<Readiness>,
     rate_limiter: limits::RateLimiter,
-    upstream_backoff: limits::UpstreamBackoff,
+    pub upstream_backoff: Arc<UpstreamBackoff>,
+    pub auth_records: Arc<AuthRecords>,
+    /// Confluence answered a forwarded request 401 (logged once per change).
+    credential_rejected: AtomicBool,
 }
+
+/// What the proxy keeps per client connection: its address, its `Forwarded`
+/// headers built once, and the last key it authenticated.
+pub struct ProxyConn {
+    info: ConnInfo,
+    forwarded: ForwardedFor,
+    memo: Mutex<Option<Memo>>,
+}
+
+/// A verified `Authorization` value, good for one generation.
+struct Memo {
+    header: HeaderValue,
+    generation: u64,
+    key: Arc<ApiKey>,
+}
+
+impl ProxyConn {
+    fn recall(&self, header: &HeaderValue, generation: u64) -> Option<Arc<ApiKey>> {
+        let memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        memo.as_ref()
+            .filter(|m| m.generation == generation && m.header == header)
+            .map(|m| Arc::clone(&m.key))
+    }
+
+    fn remember(&self, header: &HeaderValue, generation: u64, key: &Arc<ApiKey>) {
+        *self.memo.lock().unwrap_or_else(|p| p.into_inner()) = Some(Memo {
+            header: header.clone(),
+            generation,
+            key: Arc::clone(key),
+        });
+    }
+}
+
+/// The parts a `Proxy` is built from.
+pub struct Parts {
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub upstream: Upstream,
+    pub site: Site,
+    pub admin_keys: AdminKeys,
+    pub audit: Option<Audit>,
+    pub metrics: Arc<Metrics>,
+    pub log: Option<LogSink>,
+    pub readiness: Arc<Readiness>,
+}
+
+const READINESS: &str = "admin_key";
+const CREDENTIAL_REJECTED: &str = "Confluence rejected the admin credential (401): check confluence.email and confluence.api_token; Atlassian API tokens expire within a year";
 
 impl Proxy {
-    pub fn new(
-        gateway: Arc<ArcSwap<Gateway>>,
-        upstream: Upstream,
-        admin_keys: Arc<SiteAdminKeys>,
-        metrics: Arc<Metrics>,
-        audit: Option<Audit>,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
         Proxy {
-            gateway,
-            upstream,
-            admin_keys,
-            metrics,
-            audit,
+            policy: parts.policy,
+            upstream: parts.upstream,
+            site: parts.site,
+            admin_keys: parts.admin_keys,
+            audit: parts.audit,
+            metrics: parts.metrics,
+            log: parts.log,
+            readiness: parts.readiness,
             rate_limiter: limits::RateLimiter::default(),
-            upstream_backoff: limits::UpstreamBackoff::default(),
+            upstream_backoff: Arc::default(),
+            auth_records: Arc::default(),
+            credential_rejected: AtomicBool::new(false),
         }
     }
 
-    pub async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, request: Request<Incoming>, conn: &ProxyConn) -> Response<Body> {
         // 1. One id for the client, Confluence, the log and the audit record.
         let request_id =
             headers::client_request_id(request.headers()).unwrap_or_else(headers::new_request_id);
-        let gateway = self.gateway.load_full();
-        let id_text = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
-        let mut ex = Exchange::new(&request, conn.peer, id_text);
-        let response = match self
-            .process(request, conn, &gateway, &request_id, &mut ex)
-            .await
-        {
+        let policy = self.policy.load_full();
+        let mut ex = Exchange::new(&request, conn.info.peer, request_id);
+        let response = match self.process(request, conn, &policy, &mut ex).await {
             Ok(response) => response,
-            Err(e) => e.to_response(&request_id),
+            Err(e) => e.to_response(&ex.request_id),
         };
-        self.account(&ex, response.status().as_u16());
-        self.audit_end(ex, response)
+        self.account(&ex, &policy, response.status().as_u16());
+        self.finish(ex, response)
     }
 
-    /// Metrics and the access log line.
-    fn account(&self, ex: &Exchange, status: u16) {
-        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"]
-            .get(usize::from(status / 100).saturating_sub(1))
-            .copied()
-            .unwrap_or("other");
-        let bypass = if ex.admin_key { "true" } else { "false" };
-        let route = ex.route.as_deref().unwrap_or("none");
-        self.metrics.inc(
-            "keygate_requests_total",
-            &[("route", route), ("status", class), ("bypass", bypass)],
-        );
-        self.metrics.observe(
-            "keygate_request_duration_seconds",
-            &[("bypass", bypass)],
-            ex.started.elapsed().as_secs_f64(),
-        );
-        if let Some(reason) = ex.auth_failure {
-            self.metrics
-                .inc("keygate_auth_failures_total", &[("reason", reason)]);
-        }
-        tracing::info!(
-            target: "keygate::access",
-            request_id = %ex.request_id,
-            peer = %ex.remote_addr,
-            method = %ex.method,
-            path = %ex.path,
-            status,
-            upstream_status = ex.upstream_status,
-            client_id = ex.client_id.as_deref(),
-            route = ex.route.as_deref(),
-            admin_key = ex.admin_key,
-            auth_failure = ex.auth_failure,
-            duration_ms = ex.started.elapsed().as_millis() as u64,
-            "request"
-        );
-    }
-
-    /// The `request` record with the outcome, written when the response body ends
-    /// (or the client goes away): every bypass-route request, and the others when
-    /// `record_passthrough` is on. A 401 has its `auth_failure` record instead.
-    fn audit_end(&self, ex: Exchange, response: Response<Body>) -> Response<Body> {
-        let Some(audit) = self.audit.clone() else {
-            return response;
-        };
-        if ex.auth_failure.is_some() || !(ex.bypass_route || audit.record_passthrough) {
-            return response;
-        }
-        let (parts, body) = response.into_parts();
-        let status = parts.status.as_u16();
-        let body = metered::OnEnd::new(body, move |bytes_out| {
-            audit.record(
-                "request",
-                ex.request_fields("end", ex.admin_key, Some(status), bytes_out),
-            );
-        });
-        Response::from_parts(parts, body::boxed(body))
-    }
-
+    /// The phases; each refusal is a `ProxyError`.
     async fn process(
         &self,
         request: Request<Incoming>,
-        conn: ConnInfo,
-        gateway: &Gateway,
-        request_id: &HeaderValue,
+        conn: &ProxyConn,
+        policy: &Policy,
         ex: &mut Exchange,
     ) -> Result<Response<Body>, ProxyError> {
-        // 2. One spelling of the path, or no forwarding at all.
-        let path = canonical_target(&request).map_err(ProxyError::BadPath)?;
-        ex.path = path.as_str().to_owned();
+        let path = canonical_target(&request)?;
+        ex.path = Some(path.clone());
+        let key = self.authenticate(&request, conn, policy, ex).await?;
+        let route = self.authorize(&request, &path, &key, policy, ex)?;
+        self.prepare_bypass(route, ex).await?;
+        let origin =
+            rewrite::public_origin(policy.public_origin.as_deref(), &request, conn.info.proto);
+        let response = forward::send(self, request, &path, policy, conn, ex).await?;
+        self.respond(response, policy, &origin, ex)
+    }
 
-        // 3. Two credentials would leave it open which one a server reads.
+    /// 3. Exactly one credential, and a key that accepts it.
+    async fn authenticate(
+        &self,
+        request: &Request<Incoming>,
+        conn: &ProxyConn,
+        policy: &Policy,
+        ex: &mut Exchange,
+    ) -> Result<Arc<ApiKey>, ProxyError> {
+        // Two credentials would leave it open which one a server reads.
         if headers::authorization_count(request.headers()) > 1 {
             return Err(ProxyError::DuplicateAuthorization);
         }
-        let authenticated = gateway
-            .keys
-            .authenticate(request.headers().get(AUTHORIZATION), SystemTime::now())
-            .await;
-        let principal: Principal = match authenticated {
-            Ok(p) => p,
-            Err(failure) => {
-                ex.client_id = failure.client_id;
-                ex.auth_failure = Some(failure.error.reason());
-                if let Some(audit) = &self.audit {
-                    audit.record("auth_failure", ex.auth_failure_fields());
+        let header = request.headers().get(AUTHORIZATION);
+        let now = SystemTime::now();
+        if let Some(h) = header {
+            if let Some(key) = conn.recall(h, policy.generation) {
+                if KeyStore::still_valid(&key, now).is_ok() {
+                    ex.key = Some(Arc::clone(&key));
+                    return Ok(key);
                 }
-                return Err(ProxyError::Unauthorized);
             }
-        };
-        ex.client_id = Some(principal.client_id.clone());
-        ex.key_name = Some(principal.key_name.clone());
-        let limits = &gateway.config.limits;
+        }
+        match policy
+            .keys
+            .authenticate(header, conn.info.peer.ip(), now)
+            .await
+        {
+            Ok(key) => {
+                if let Some(h) = header {
+                    conn.remember(h, policy.generation, &key);
+                }
+                ex.key = Some(Arc::clone(&key));
+                Ok(key)
+            }
+            Err(failure) => {
+                ex.claimed = failure.client_id;
+                ex.auth_failure = Some(failure.error.reason());
+                self.record_auth_failure(ex);
+                Err(failure.error.into())
+            }
+        }
+    }
+
+    /// The `auth_failure` record, within the source's record rate.
+    fn record_auth_failure(&self, ex: &Exchange) {
+        let Some(audit) = &self.audit else { return };
+        let now = tokio::time::Instant::now();
+        match self.auth_records.decide(ex.remote_addr.ip(), now) {
+            limits::RecordDecision::Write => audit.record(ex.auth_failure_record()),
+            limits::RecordDecision::Suppress => {
+                self.metrics.audit_auth_failures_suppressed.inc();
+            }
+        }
+    }
+
+    /// Writes one `auth_failure_summary` per source whose records were
+    /// suppressed since the last call (called every few seconds).
+    pub fn flush_auth_failure_summaries(&self) {
+        let Some(audit) = &self.audit else { return };
+        for (ip, suppressed, since) in self.auth_records.drain(tokio::time::Instant::now()) {
+            let summary = AuthFailureSummary {
+                remote_addr: ip.map_or_else(|| "*".to_owned(), |ip: IpAddr| ip.to_string()),
+                suppressed,
+                since,
+            };
+            audit.record(record::encode("auth_failure_summary", &summary));
+        }
+    }
+
+    /// 4. The key's rate, then the allow-list: the first admitting route decides.
+    fn authorize<'p>(
+        &self,
+        request: &Request<Incoming>,
+        path: &CanonicalPath,
+        key: &ApiKey,
+        policy: &'p Policy,
+        ex: &mut Exchange,
+    ) -> Result<&'p Route, ProxyError> {
         let now = tokio::time::Instant::now();
         self.rate_limiter
-            .take(&principal.client_id, limits.per_client_rps, now)
+            .take(&key.client_id, policy.per_client_rps, now)
             .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
-
-        // 4. The allow-list: first admitting route, else denied.
-        let route = gateway
-            .config
+        let (index, route) = policy
             .routes
-            .decide(request.method(), &path, &principal.roles)
-            .ok_or(ProxyError::Forbidden)?;
-        ex.route = Some(route.name.clone());
+            .decide_indexed(request.method(), path, &key.roles)?;
+        ex.route = Some((index, Arc::clone(&route.shared_name)));
         ex.bypass_route = route.admin_key;
-        if limits.upstream_backoff {
+        if policy.upstream_backoff {
             if let Some(retry_after) = self.upstream_backoff.remaining(now) {
                 return Err(ProxyError::UpstreamBackoff { retry_after });
             }
         }
+        Ok(route)
+    }
 
-        // 5. A bypass request leaves only with an active admin key behind it and its
-        //    start record on disk; otherwise it is refused — never sent without the
-        //    bypass (a scanner would silently miss restricted pages) and never sent
-        //    unrecorded.
-        if route.admin_key {
-            let lease = self.admin_keys.ensure().await.map_err(|u| {
-                tracing::debug!(reason = %u.reason, "bypass refused: no admin key");
-                ProxyError::AdminKeyUnavailable {
-                    retry_after: u.retry_after,
-                }
-            })?;
-            ex.lease = Some(lease);
-            let audit = self.audit.as_ref().ok_or(ProxyError::AuditUnavailable)?;
-            audit
-                .durable("request", ex.request_fields("start", true, None, 0))
-                .await
-                .map_err(|e| {
-                    tracing::debug!(error = %e, "bypass refused: audit trail unavailable");
-                    ProxyError::AuditUnavailable
-                })?;
-            ex.admin_key = true;
+    /// 5. A bypass request leaves only with an active admin key behind it and its
+    ///    start record durable; otherwise it is refused — never sent without the
+    ///    bypass (a scanner would silently miss restricted pages) and never sent
+    ///    unrecorded.
+    async fn prepare_bypass(&self, route: &Route, ex: &mut Exchange) -> Result<(), ProxyError> {
+        if !route.admin_key {
+            return Ok(());
         }
+        ex.lease = Some(self.admin_keys.ensure().await?);
+        ex.admin_key = true;
+        let audit = self.audit.as_ref().ok_or(ProxyError::AuditUnavailable)?;
+        if let Err(e) = audit.durable(ex.request_record(None, 0)).await {
+            ex.admin_key = false;
+            return Err(e.into());
+        }
+        Ok(())
+    }
 
-        // 6. Forward: the client's credentials and any smuggled bypass go; ours come.
-        let (mut parts, incoming) = request.into_parts();
-        headers::strip_request(&mut parts.headers);
-        headers::add_upstream(
-            &mut parts.headers,
-            &UpstreamHeaders {
-                authorization: &gateway.admin_authorization,
-                host: self.upstream.host(),
-                bypass: ex.admin_key,
-                request_id,
-                peer: conn.peer,
-                proto: conn.proto,
-            },
-        );
-        parts.uri = self
-            .upstream
-            .uri(path.as_str(), parts.uri.query())
-            .map_err(|_| ProxyError::BadPath(PathError::InvalidCharacter))?;
-        parts.version = Version::HTTP_11;
-        let counted = metered::Counted::new(incoming, Arc::clone(&ex.bytes_in));
-        let upstream_request = Request::from_parts(parts, body::boxed(counted));
-        let timeout = gateway.config.confluence.request_timeout;
-        let sent = Instant::now();
-        let response = self
-            .upstream
-            .send(upstream_request, timeout)
-            .await
-            .map_err(|e| {
-                tracing::warn!(request_id = %ex.request_id, error = %e, "upstream request failed");
-                match e {
-                    UpstreamError::Timeout => ProxyError::UpstreamTimeout,
-                    UpstreamError::Unreachable(_) => ProxyError::UpstreamUnreachable,
-                }
-            })?;
-        self.metrics.observe(
-            "keygate_upstream_duration_seconds",
-            &[],
-            sent.elapsed().as_secs_f64(),
-        );
-        ex.upstream_status = Some(response.status().as_u16());
-        if matches!(response.status().as_u16(), 429 | 503) {
-            let after = response
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| crate::confluence::parse_retry_after(v, None));
-            if let Some(after) = after {
+    /// 7. Confluence's answer, made safe for the client.
+    fn respond(
+        &self,
+        response: Response<Incoming>,
+        policy: &Policy,
+        origin: &str,
+        ex: &mut Exchange,
+    ) -> Result<Response<Body>, ProxyError> {
+        let status = response.status().as_u16();
+        ex.upstream_status = Some(status);
+        self.note_upstream_status(status, response.headers());
+        match status {
+            // keygate relays no protocol switch it did not ask for.
+            101 => return Err(ProxyError::UpstreamProtocol),
+            // The admin's credential was refused, not the client's.
+            401 => return Err(ProxyError::UpstreamCredentialsRejected),
+            _ => {}
+        }
+        Ok(forward::clean_response(self, response, policy, origin, ex))
+    }
+
+    /// Upstream 401s (readiness, once per change) and back-off requests.
+    fn note_upstream_status(&self, status: u16, headers: &http::HeaderMap) {
+        if status == 401 {
+            self.metrics.upstream_credentials_rejected.inc();
+            if !self.credential_rejected.swap(true, Ordering::AcqRel) {
+                tracing::error!("Confluence rejected the admin credential (401) on a forwarded request; clients get 502 upstream_credentials_rejected");
+                self.readiness.set(READINESS, CREDENTIAL_REJECTED);
+            }
+        } else if self.credential_rejected.swap(false, Ordering::AcqRel) {
+            tracing::info!("Confluence accepts the admin credential again");
+            self.readiness.clear(READINESS);
+        }
+        if matches!(status, 429 | 503) {
+            if let Some(after) = limits::retry_after(headers) {
                 tracing::warn!(
                     retry_after_s = after.as_secs(),
                     "Confluence asked to back off; holding all clients"
                 );
                 self.upstream_backoff
-                    .hold(tokio::time::Instant::now(), after);
+                    .hold_and_share(tokio::time::Instant::now(), after);
             }
         }
+    }
 
-        // 7. The admin's session cookies never reach a client.
-        let (mut parts, incoming) = response.into_parts();
-        headers::strip_response(&mut parts.headers);
-        parts
-            .headers
-            .insert(X_REQUEST_ID.clone(), request_id.clone());
-        Ok(Response::from_parts(parts, body::boxed(incoming)))
+    /// Metrics and the access log line.
+    fn account(&self, ex: &Exchange, policy: &Policy, status: u16) {
+        policy
+            .counters
+            .count(ex.route.as_ref().map(|(i, _)| *i), ex.admin_key, status);
+        self.metrics
+            .request_duration(ex.admin_key)
+            .observe(ex.started.elapsed().as_secs_f64());
+        if let Some(reason) = ex.auth_failure {
+            self.metrics.auth_failure(reason).inc();
+        }
+        if let Some(log) = &self.log {
+            if tracing::enabled!(target: "keygate::access", tracing::Level::INFO) {
+                log.access(&AccessLine {
+                    request_id: ex.request_id(),
+                    peer: ex.remote_addr,
+                    method: ex.method.as_str(),
+                    path: ex.path(),
+                    status,
+                    upstream_status: ex.upstream_status,
+                    client_id: ex.client_id(),
+                    route: ex.route_name(),
+                    admin_key: ex.admin_key,
+                    auth_failure: ex.auth_failure,
+                    duration_ms: ex.elapsed_ms(),
+                });
+            }
+        }
+    }
+
+    /// The `request` record with the outcome, written when the response body ends
+    /// (or the client goes away): every bypass-route request, and the others when
+    /// `record_passthrough` is on. A 401 has its `auth_failure` record instead.
+    fn finish(&self, ex: Exchange, response: Response<Body>) -> Response<Body> {
+        let Some(audit) = self.audit.clone() else {
+            return response;
+        };
+        if ex.auth_failure.is_some() || !(ex.bypass_route || audit.record_passthrough()) {
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        let status = parts.status.as_u16();
+        let body = crate::body::Guarded::new(body, crate::body::Trailers::Clean)
+            .on_end(move |bytes_out, _| audit.record(ex.request_record(Some(status), bytes_out)));
+        Response::from_parts(parts, crate::body::boxed(body))
     }
 }
 
@@ -314,4 +396,30 @@ fn canonical_target<B>(request: &Request<B>) -> Result<CanonicalPath, PathError>
         return Err(PathError::NotOriginForm);
     }
     CanonicalPath::parse(uri.path())
+}
+
+/// The proxy as the server's handler.
+pub struct ProxyHandler(pub Arc<Proxy>);
+
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh generation number.
+pub fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Handler for ProxyHandler {
+    type Conn = ProxyConn;
+
+    fn connect(&self, info: ConnInfo) -> ProxyConn {
+        ProxyConn {
+            info,
+            forwarded: ForwardedFor::new(info.peer, info.proto),
+            memo: Mutex::new(None),
+        }
+    }
+
+    async fn call(&self, request: Request<Incoming>, conn: Arc<ProxyConn>) -> Response<Body> {
+        self.0.handle(request, &conn).await
+    }
 }

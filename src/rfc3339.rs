@@ -17,6 +17,24 @@ pub fn format_seconds(t: SystemTime) -> String {
     format!("{date}T{time}Z")
 }
 
+/// Appends `2026-11-23T10:00:00.123456Z` (UTC, microseconds) without allocating.
+pub fn write_micros(out: &mut Vec<u8>, t: SystemTime) {
+    use std::io::Write as _;
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, day) = civil_from_days(days);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    );
+}
+
 fn split(t: SystemTime) -> (i64, u32) {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => (

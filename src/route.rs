@@ -151,9 +151,11 @@ impl RoleRule {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub name: String,
+    /// The name again, shared cheaply with what each request records.
+    pub shared_name: std::sync::Arc<str>,
     pub methods: Vec<Method>,
     pub pattern: PathPattern,
     pub roles: RoleRule,
@@ -168,8 +170,17 @@ impl Route {
     }
 }
 
+/// Why no route decides a request (the 403 says which, naming no route or role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No route's path pattern matches the path.
+    NoPathMatch,
+    /// Routes match the path, but not this method or this key's roles.
+    NotAdmitted,
+}
+
 /// The ordered allow-list.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteTable {
     routes: Vec<Route>,
 }
@@ -194,9 +205,33 @@ impl RouteTable {
         path: &CanonicalPath,
         roles: &[String],
     ) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| r.admits_request(method, path) && r.roles.admits(roles))
+        self.decide_indexed(method, path, roles)
+            .ok()
+            .map(|(_, r)| r)
+    }
+
+    /// The deciding route and its position, or why none decides.
+    pub fn decide_indexed(
+        &self,
+        method: &Method,
+        path: &CanonicalPath,
+        roles: &[String],
+    ) -> Result<(usize, &Route), Denied> {
+        let mut path_matched = false;
+        for (i, r) in self.routes.iter().enumerate() {
+            if !r.pattern.matches(path) {
+                continue;
+            }
+            path_matched = true;
+            if r.methods.contains(method) && r.roles.admits(roles) {
+                return Ok((i, r));
+            }
+        }
+        Err(if path_matched {
+            Denied::NotAdmitted
+        } else {
+            Denied::NoPathMatch
+        })
     }
 
     /// Routes admitting method and path, in order, whatever the caller's roles.
@@ -220,6 +255,7 @@ mod tests {
         let role_names: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
         Route {
             name: name.into(),
+            shared_name: name.into(),
             methods: methods.iter().map(|m| m.parse().unwrap()).collect(),
             pattern: PathPattern::parse(path).unwrap(),
             roles: RoleRule::from_names(&role_names),
@@ -321,6 +357,21 @@ mod tests {
         assert_eq!(head.name, "read", "HEAD is not implied by GET");
         let outside = CanonicalPath::parse("/rest/api").unwrap();
         assert!(table.decide(&get, &outside, &scanner).is_none());
+        assert_eq!(
+            table.decide_indexed(&get, &outside, &scanner).unwrap_err(),
+            Denied::NoPathMatch
+        );
+        assert_eq!(
+            table
+                .decide_indexed(&Method::POST, &page, &scanner)
+                .unwrap_err(),
+            Denied::NotAdmitted
+        );
+        assert_eq!(
+            table.decide_indexed(&get, &page, &other).unwrap().0,
+            1,
+            "position of the deciding route"
+        );
         assert_eq!(table.candidates(&get, &page).count(), 2);
     }
 }

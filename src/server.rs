@@ -1,64 +1,82 @@
 //! Accept loops: HTTP/1.1 and HTTP/2 on one listener (ALPN over TLS, h2c with prior
-//! knowledge on plain TCP), a connection limit, a header read timeout, and graceful
-//! shutdown that lets in-flight requests finish.
+//! knowledge on plain TCP), bounded in every dimension a client controls.
+//!
+//! Invariants:
+//! - at most `max_connections` connections are open; when all are taken, the
+//!   longest-idle connection (no request in flight) is closed to make room, so
+//!   clients that send nothing cannot lock others out;
+//! - a connection must deliver its first request head (after the TLS handshake)
+//!   within `header_read_timeout`, and is closed after `idle_timeout` with no
+//!   request in flight and no bytes moving — HTTP/1.1 keep-alive and HTTP/2 alike;
+//! - HTTP/2 peers are held to a stream limit, a header-list limit, and the
+//!   reset-flood limits of the `h2` crate;
+//! - accept errors (out of file descriptors) back off instead of spinning;
+//! - shutdown stops accepting, lets in-flight requests finish for at most
+//!   `drain_timeout`, then closes what is left.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
-use crate::proxy::ConnInfo;
+use crate::metrics::Metrics;
 
-/// Something that answers requests.
+/// The connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+}
+
+/// Something that answers requests, with per-connection state of its own.
 pub trait Handler: Send + Sync + 'static {
+    /// What the handler keeps per connection.
+    type Conn: Send + Sync + 'static;
+
+    fn connect(&self, info: ConnInfo) -> Self::Conn;
+
     fn call(
         &self,
         request: Request<Incoming>,
-        conn: ConnInfo,
+        conn: Arc<Self::Conn>,
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
 /// Per-listener settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     /// How long in-flight requests get after shutdown starts.
     pub drain_timeout: Duration,
-    /// Counts open connections, if given.
-    pub connections: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// Counts open and closed connections, if given.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
-/// Keeps the open-connection count right however a connection task ends.
-struct Open(Option<Arc<std::sync::atomic::AtomicI64>>);
-
-impl Open {
-    fn new(counter: Option<Arc<std::sync::atomic::AtomicI64>>) -> Self {
-        if let Some(c) = &counter {
-            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Open(counter)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        if let Some(c) = &self.0 {
-            c.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
+/// HTTP/2 streams one connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Header fields per HTTP/1.1 request head (hyper's limit, stated here).
+pub const MAX_HEADERS: usize = 100;
 
 /// A shutdown signal that any number of tasks can wait for.
 #[derive(Clone)]
@@ -83,6 +101,203 @@ impl Shutdown {
         // An error means the trigger is gone, which also means shut down.
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// What the server knows about one open connection.
+struct Tracker {
+    accepted: Instant,
+    base: Instant,
+    /// Milliseconds after `base` of the last byte read or written.
+    last_active: AtomicU64,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    close: Notify,
+}
+
+impl Tracker {
+    fn new(now: Instant) -> Self {
+        Tracker {
+            accepted: now,
+            base: now,
+            last_active: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            close: Notify::new(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_active(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_active.load(Ordering::Relaxed))
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// When this connection is due to be closed if nothing happens, and why.
+    fn deadline(&self, options: &ServeOptions) -> (Instant, &'static str) {
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            (
+                self.accepted + options.header_read_timeout,
+                "header_timeout",
+            )
+        } else {
+            (self.last_active() + options.idle_timeout, "idle")
+        }
+    }
+}
+
+/// Counts a request in flight however its future ends.
+struct InFlight(Arc<Tracker>);
+
+impl InFlight {
+    fn new(tracker: &Arc<Tracker>) -> Self {
+        tracker.requests.fetch_add(1, Ordering::Relaxed);
+        tracker.in_flight.fetch_add(1, Ordering::Relaxed);
+        tracker.touch();
+        InFlight(Arc::clone(tracker))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream that notes when bytes move.
+struct Watched<S> {
+    inner: S,
+    tracker: Arc<Tracker>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.tracker.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.tracker.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.tracker.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The open connections, for eviction and for closing what is left at shutdown.
+#[derive(Default)]
+struct Registry {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Tracker>>>,
+}
+
+impl Registry {
+    fn add(&self, tracker: &Arc<Tracker>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.open).insert(id, Arc::clone(tracker));
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        lock(&self.open).remove(&id);
+    }
+
+    /// Closes the connection that has been idle longest; whether there was one.
+    fn evict_one(&self) -> bool {
+        let open = lock(&self.open);
+        let victim = open
+            .values()
+            .filter(|t| t.idle())
+            .min_by_key(|t| t.last_active().max(t.accepted));
+        match victim {
+            Some(t) => {
+                t.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn close_all(&self) {
+        for t in lock(&self.open).values() {
+            t.close.notify_one();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn builder(options: &ServeOptions) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(options.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(32)
+        .max_local_error_reset_streams(256)
+        .max_send_buf_size(256 * 1024)
+        .keep_alive_interval(options.idle_timeout / 2)
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+    builder
 }
 
 /// Serves `listener` until `shutdown`, then drains open connections.
@@ -93,86 +308,221 @@ pub async fn serve<H: Handler>(
     options: ServeOptions,
     mut shutdown: Shutdown,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(options.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder(&options));
     let limit = Arc::new(Semaphore::new(options.max_connections));
+    let registry = Arc::new(Registry::default());
     let proto = if tls.is_some() { "https" } else { "http" };
+    let mut backoff = Duration::ZERO;
 
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.wait() => break,
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.wait() => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => { backoff = Duration::ZERO; a }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
                     continue;
                 }
             },
         };
+        let permit = match Arc::clone(&limit).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: make room by closing the longest-idle connection, then wait
+                // for a slot (an accepted connection waits; the rest stay queued in
+                // the kernel).
+                if registry.evict_one() {
+                    count_closed(&options, "evicted");
+                }
+                let acquire = Arc::clone(&limit).acquire_owned();
+                tokio::select! {
+                    _ = shutdown.wait() => break,
+                    permit = acquire => match permit {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let open = Open::new(options.connections.clone());
-        let conn = ConnInfo { peer, proto };
-        let handler = Arc::clone(&handler);
-        let service = hyper::service::service_fn(move |request| {
-            let handler = Arc::clone(&handler);
-            async move { Ok::<_, Infallible>(handler.call(request, conn).await) }
+        let tracker = Arc::new(Tracker::new(Instant::now()));
+        let id = registry.add(&tracker);
+        let task = Connection {
+            stream,
+            info: ConnInfo { peer, proto },
+            tls: tls.clone(),
+            handler: Arc::clone(&handler),
+            builder: Arc::clone(&builder),
+            options: options.clone(),
+            tracker,
+            shutdown: shutdown.clone(),
+        };
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            let open = Open::new(task.options.metrics.clone());
+            task.run().await;
+            registry.remove(id);
+            drop((permit, open));
         });
-        let builder = Arc::clone(&builder);
-        match &tls {
-            None => {
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let watched = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    let _ = watched.await;
-                    drop((permit, open));
+    }
+    drop(listener);
+    let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(options.drain_timeout, limit.acquire_many(all)).await;
+    if drained.is_err() {
+        tracing::warn!("connections still open after the drain timeout; closing them");
+        registry.close_all();
+        let _ = tokio::time::timeout(Duration::from_secs(1), limit.acquire_many(all)).await;
+    }
+}
+
+fn count_closed(options: &ServeOptions, reason: &str) {
+    if let Some(m) = &options.metrics {
+        m.connection_closed(reason).inc();
+    }
+}
+
+/// Keeps the open-connection gauge right however a connection task ends.
+struct Open(Option<Arc<Metrics>>);
+
+impl Open {
+    fn new(metrics: Option<Arc<Metrics>>) -> Self {
+        if let Some(m) = &metrics {
+            m.open_connections.inc();
+        }
+        Open(metrics)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.open_connections.dec();
+        }
+    }
+}
+
+/// One accepted connection until it ends.
+struct Connection<H: Handler> {
+    stream: TcpStream,
+    info: ConnInfo,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<H>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    options: ServeOptions,
+    tracker: Arc<Tracker>,
+    shutdown: Shutdown,
+}
+
+impl<H: Handler> Connection<H> {
+    async fn run(self) {
+        let Connection {
+            stream,
+            info,
+            tls,
+            handler,
+            builder,
+            options,
+            tracker,
+            shutdown,
+        } = self;
+        let watched = Watched {
+            inner: stream,
+            tracker: Arc::clone(&tracker),
+        };
+        let conn = Arc::new(handler.connect(info));
+        let in_service = Arc::clone(&tracker);
+        let service = hyper::service::service_fn(move |request| {
+            let flight = InFlight::new(&in_service);
+            let handler = Arc::clone(&handler);
+            let conn = Arc::clone(&conn);
+            let answer: Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> =
+                Box::pin(async move {
+                    let response = handler.call(request, conn).await;
+                    drop(flight);
+                    Ok(response)
                 });
+            answer
+        });
+        match tls {
+            None => {
+                let connection = builder
+                    .serve_connection(TokioIo::new(watched), service)
+                    .into_owned();
+                watch_connection(
+                    connection,
+                    |c| c.graceful_shutdown(),
+                    &tracker,
+                    &options,
+                    shutdown,
+                )
+                .await;
             }
             Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let handshake_timeout = options.header_read_timeout;
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-                    let stream = match handshake.await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(connection.into_owned()).await;
-                    drop((permit, open));
-                });
+                let handshake =
+                    tokio::time::timeout(options.header_read_timeout, acceptor.accept(watched));
+                let stream = match handshake.await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        count_closed(&options, "header_timeout");
+                        return;
+                    }
+                };
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                watch_connection(
+                    connection,
+                    |c| c.graceful_shutdown(),
+                    &tracker,
+                    &options,
+                    shutdown,
+                )
+                .await;
             }
         }
     }
-    drop(listener);
-    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain timeout; closing them");
+}
+
+/// Drives a connection, closing it when it is idle or timed out, when evicted,
+/// or gracefully at shutdown.
+async fn watch_connection<C: Future<Output = O> + Send, O: Send>(
+    connection: C,
+    graceful: impl Fn(Pin<&mut C>) + Send,
+    tracker: &Tracker,
+    options: &ServeOptions,
+    mut shutdown: Shutdown,
+) {
+    let mut connection = std::pin::pin!(connection);
+    let mut draining = false;
+    loop {
+        let now = Instant::now();
+        // A request in flight is bounded by its own timeouts; look again later.
+        let (deadline, reason) = tracker.deadline(options);
+        let wake = if tracker.idle() {
+            deadline
+        } else {
+            now + options.idle_timeout.max(Duration::from_secs(1))
+        };
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = tracker.close.notified() => return,
+            _ = tokio::time::sleep_until(wake), if !draining => {
+                if tracker.idle() && Instant::now() >= tracker.deadline(options).0 {
+                    count_closed(options, reason);
+                    return;
+                }
+            }
+            _ = shutdown.wait(), if !draining => {
+                draining = true;
+                graceful(connection.as_mut());
+            }
+        }
     }
 }

@@ -35,14 +35,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The largest PEM file read.
+const MAX_PEM: u64 = 1 << 20;
+
 /// Every certificate in a PEM file; at least one.
 pub fn read_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let cert_err = |reason: String| TlsError::Cert {
         path: path.to_path_buf(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| cert_err(e.to_string()))?
+    let text = crate::files::read_capped(path, MAX_PEM).map_err(|e| cert_err(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(e.to_string()))?;
     if certs.is_empty() {
@@ -55,10 +58,15 @@ pub fn read_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsEr
 
 fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let chain = read_ca_bundle(cert)?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+    let key_text = crate::files::read_capped(key, MAX_PEM).map_err(|e| TlsError::Key {
         path: key.to_path_buf(),
-        reason: format!("{e} (expected a PEM private key)"),
+        reason: e.to_string(),
     })?;
+    let key_der =
+        PrivateKeyDer::from_pem_slice(key_text.as_bytes()).map_err(|e| TlsError::Key {
+            path: key.to_path_buf(),
+            reason: format!("{e} (expected a PEM private key)"),
+        })?;
     let signing =
         rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| TlsError::Key {
             path: key.to_path_buf(),

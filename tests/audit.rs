@@ -69,7 +69,7 @@ async fn every_event_kind_carries_its_fields() {
         good.replace("methods: [GET, HEAD]", "methods: [NOPE]"),
     )
     .unwrap();
-    assert!(h.control.reload("test").is_err());
+    assert!(h.control.reload("test").await.is_err());
     std::fs::write(&config, &good).unwrap();
     let path = h.dir.join("audit.jsonl");
     let standin = std::sync::Arc::clone(&h.standin.state);

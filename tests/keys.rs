@@ -79,7 +79,7 @@ async fn a_key_created_by_the_cli_works_with_basic_and_bearer_from_curl_and_a_st
     assert!(secret.starts_with("kgs_"));
     let keys_text = std::fs::read_to_string(h.dir.join("keys.yaml")).unwrap();
     assert!(!keys_text.contains(&secret), "the secret is never stored");
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
 
     let url = h.url(PAGE);
     let (u, b) = (
@@ -121,7 +121,7 @@ async fn a_key_created_by_the_cli_works_with_basic_and_bearer_from_curl_and_a_st
     );
     assert_eq!(code, 0, "{err}");
     let chosen_id = field(&out, "client_id");
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
     let reply = get(
         &h.url(PAGE),
         &[("Authorization", &basic(&chosen_id, "Bench-Secret-42"))],
@@ -145,7 +145,7 @@ async fn revoke_and_regenerate_through_the_cli() {
     let (code, _, err) = keygate(&h, &["keys", "revoke", &h.reader.client_id], None);
     assert_eq!(code, 0, "{err}");
     assert_eq!(status(&h, &old).await, 200, "until the reload");
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
     assert_eq!(status(&h, &old).await, 401);
 
     let (code, out, err) = keygate(&h, &["keys", "regenerate", &h.reader.client_id], None);
@@ -156,7 +156,7 @@ async fn revoke_and_regenerate_through_the_cli() {
         "same client_id"
     );
     let new_secret = field(&out, "client_secret");
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
     assert_eq!(status(&h, &old).await, 401, "old secret dead");
     let new = basic(&h.reader.client_id, &new_secret);
     assert_eq!(status(&h, &new).await, 200);
@@ -178,7 +178,7 @@ async fn an_expired_key_is_refused() {
         &format!("{line}\n  expiration: 2020-01-01T00:00:00Z"),
     );
     std::fs::write(&keys, expired).unwrap();
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
     let reply = get(&h.url(PAGE), &[("Authorization", &h.reader.basic())]).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.headers["www-authenticate"], "Basic realm=\"keygate\"");

@@ -22,7 +22,7 @@ async fn invalid_reload_keeps_the_old_config_and_valid_reload_applies() {
         good.replace("methods: [GET, HEAD]", "methods: [GTE]"),
     )
     .unwrap();
-    let errors = h.control.reload("test").unwrap_err();
+    let errors = h.control.reload("test").await.unwrap_err();
     assert!(
         errors.to_string().contains("routes[2].methods[0]"),
         "{errors}"
@@ -35,7 +35,7 @@ async fn invalid_reload_keeps_the_old_config_and_valid_reload_applies() {
 
     // Valid: the plain-read route now needs a role the reader lacks.
     std::fs::write(&config, good.replace("roles: [\"*\"]", "roles: [auditor]")).unwrap();
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
     assert_eq!(get(&page, &[("Authorization", &auth)]).await.status, 403);
 
     // Revoking a key in the keys file takes effect at the next reload.
@@ -44,7 +44,7 @@ async fn invalid_reload_keeps_the_old_config_and_valid_reload_applies() {
     let text = std::fs::read_to_string(&keys).unwrap();
     let revoked = text.replacen("is_valid: true", "is_valid: false", 2);
     std::fs::write(&keys, revoked).unwrap();
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
     let reply = get(&page, &[("Authorization", &auth)]).await;
     assert_eq!(reply.status, 401);
     h.stop().await;
@@ -61,7 +61,7 @@ async fn a_changed_file_is_picked_up_without_a_signal() {
     // The watcher polls every 2 s; wait for the generation to change, bounded.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let routes = h.control.gateway().config.routes.routes()[2]
+        let routes = h.control.generation().config.routes.routes()[2]
             .role_names
             .clone();
         if routes == ["auditor"] {

@@ -161,12 +161,12 @@ async fn a_rotated_listener_certificate_is_served_without_a_restart() {
     let new = make_pki();
     std::fs::copy(&new.cert_pem, &old.cert_pem).unwrap();
     std::fs::copy(&new.key_pem, &old.key_pem).unwrap();
-    h.control.reload("test").unwrap();
+    h.control.reload("test").await.unwrap();
     assert!(handshake(&new).await, "the new certificate is served");
     assert!(!handshake(&old).await, "the old one is gone");
     // A broken pair keeps the current certificate.
     std::fs::write(&old.key_pem, "not a key").unwrap();
-    let _ = h.control.reload("test");
+    let _ = h.control.reload("test").await;
     assert!(handshake(&new).await);
     h.stop().await;
 }

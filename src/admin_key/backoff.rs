@@ -13,26 +13,34 @@ const FATAL: (Duration, Duration) = (Duration::from_secs(30), Duration::from_sec
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Default, Clone)]
-pub struct Backoff {
+pub(super) struct Backoff {
     until: Option<Instant>,
     failures: u32,
 }
 
 impl Backoff {
-    pub fn active(&self, now: Instant) -> bool {
+    pub(super) fn active(&self, now: Instant) -> bool {
         self.until.is_some_and(|u| u > now)
     }
 
-    pub fn until(&self) -> Option<Instant> {
-        self.until
+    /// Holds calls back until at least `until` (a back-off another replica saw).
+    pub(super) fn hold_until(&mut self, until: Instant) {
+        if self.until.is_none_or(|u| u < until) {
+            self.until = Some(until);
+        }
     }
 
-    pub fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         *self = Backoff::default();
     }
 
     /// Records a failure at `now` and returns how long to wait.
-    pub fn fail(&mut self, now: Instant, fatal: bool, retry_after: Option<Duration>) -> Duration {
+    pub(super) fn fail(
+        &mut self,
+        now: Instant,
+        fatal: bool,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let delay = delay(
             self.failures,

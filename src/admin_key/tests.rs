@@ -33,16 +33,10 @@ fn policy(duration_minutes: u32, refresh_before_secs: u64) -> AdminKeyPolicy {
     }
 }
 
-fn setup(
-    policy: AdminKeyPolicy,
-) -> (
-    Arc<StandinState>,
-    Arc<AdminKeys<StandinApi>>,
-    Arc<Readiness>,
-) {
+fn setup(policy: AdminKeyPolicy) -> (Arc<StandinState>, AdminKeys, Arc<Readiness>) {
     let standin = Arc::new(StandinState::new("admin@example", "token"));
     let readiness = Arc::new(Readiness::default());
-    let keys = AdminKeys::new(
+    let keys = AdminKeys::spawn(
         StandinApi(Arc::clone(&standin)),
         policy,
         Duration::from_secs(60),
@@ -71,7 +65,7 @@ async fn five_hundred_concurrent_first_requests_cause_exactly_one_post() {
     let barrier = Arc::new(tokio::sync::Barrier::new(500));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..500 {
-        let (keys, barrier) = (Arc::clone(&keys), Arc::clone(&barrier));
+        let (keys, barrier) = (keys.clone(), Arc::clone(&barrier));
         tasks.spawn(async move {
             barrier.wait().await;
             keys.ensure().await
@@ -303,7 +297,6 @@ async fn a_key_disabled_elsewhere_is_re_enabled_within_a_minute() {
 #[tokio::test(start_paused = true)]
 async fn idle_disable_sends_exactly_one_delete() {
     let (standin, keys, _) = setup(policy(60, 300));
-    let watcher = tokio::spawn(Arc::clone(&keys).idle_watch(std::future::pending()));
     keys.ensure().await.unwrap();
     tokio::time::sleep(Duration::from_secs(14 * 60)).await;
     assert_eq!(
@@ -330,7 +323,6 @@ async fn idle_disable_sends_exactly_one_delete() {
     // The next bypass request enables a key again.
     keys.ensure().await.unwrap();
     assert!(standin.admin_key_active());
-    watcher.abort();
 }
 
 #[tokio::test(start_paused = true)]
@@ -367,7 +359,7 @@ async fn a_slow_call_makes_waiters_wait_not_multiply() {
     // The injected 200 has no key in it: unreadable, so the call fails after 20s.
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..50 {
-        let keys = Arc::clone(&keys);
+        let keys = keys.clone();
         tasks.spawn(async move { keys.ensure().await });
     }
     while let Some(r) = tasks.join_next().await {

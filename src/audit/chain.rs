@@ -24,43 +24,68 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&SHA256, bytes).as_ref())
 }
 
-/// Encodes one line (without newline) and returns it with its own SHA-256 (the
-/// next record's `prev`). Values are JSON-encoded by serde_json, so
-/// client-controlled strings are escaped, never spliced in.
-pub fn encode(
-    ts: &str,
-    seq: u64,
-    event: &str,
-    prev: &str,
-    fields: &[(&'static str, serde_json::Value)],
-) -> (String, String) {
-    let mut b = String::with_capacity(256);
-    b.push_str("{\"ts\":");
-    b.push_str(&serde_json::Value::from(ts).to_string());
-    b.push_str(&format!(",\"seq\":{seq},\"event\":"));
-    b.push_str(&serde_json::Value::from(event).to_string());
-    b.push_str(",\"prev\":\"");
-    b.push_str(prev);
-    b.push('"');
-    for (name, value) in fields {
-        b.push_str(",\"");
-        b.push_str(name);
-        b.push_str("\":");
-        b.push_str(&value.to_string());
+/// The head of a chain: the last `seq` and the hex SHA-256 of the last line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub prev: String,
+}
+
+impl Head {
+    pub fn genesis() -> Self {
+        Head {
+            seq: 0,
+            prev: GENESIS.to_owned(),
+        }
     }
-    // B and the line share everything but their ending: hash that prefix once.
-    let mut prefix = Context::new(&SHA256);
-    prefix.update(b.as_bytes());
-    let mut body = prefix.clone();
-    body.update(b"}");
-    let hash = hex(body.finish().as_ref());
-    let start = b.len();
-    b.push_str(",\"hash\":\"");
-    b.push_str(&hash);
-    b.push_str("\"}");
-    prefix.update(&b.as_bytes()[start..]);
-    let line_hash = hex(prefix.finish().as_ref());
-    (b, line_hash)
+
+    /// Appends the next record's line and its newline to `out`, and moves the
+    /// head past it. `fields` is the JSON of the event's members without braces.
+    /// Values are JSON-encoded, so client-controlled strings are escaped, never
+    /// spliced in.
+    pub fn append(&mut self, out: &mut Vec<u8>, ts: &str, event: &str, fields: &[u8]) {
+        self.seq += 1;
+        let start = out.len();
+        out.extend_from_slice(b"{\"ts\":\"");
+        out.extend_from_slice(ts.as_bytes());
+        out.extend_from_slice(b"\",\"seq\":");
+        out.extend_from_slice(self.seq.to_string().as_bytes());
+        out.extend_from_slice(b",\"event\":\"");
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(b"\",\"prev\":\"");
+        out.extend_from_slice(self.prev.as_bytes());
+        out.push(b'"');
+        if !fields.is_empty() {
+            out.push(b',');
+            out.extend_from_slice(fields);
+        }
+        // B and the line share everything but their ending: hash that prefix once.
+        let mut prefix = Context::new(&SHA256);
+        prefix.update(&out[start..]);
+        let mut body = prefix.clone();
+        body.update(b"}");
+        let hash = hex(body.finish().as_ref());
+        let tail = out.len();
+        out.extend_from_slice(b",\"hash\":\"");
+        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(b"\"}");
+        prefix.update(&out[tail..]);
+        self.prev = hex(prefix.finish().as_ref());
+        out.push(b'\n');
+    }
+}
+
+/// Encodes one line (without newline) and returns it with its own SHA-256 (the
+/// next record's `prev`).
+pub fn encode(ts: &str, seq: u64, event: &str, prev: &str, fields: &[u8]) -> (String, String) {
+    let mut head = Head {
+        seq: seq - 1,
+        prev: prev.to_owned(),
+    };
+    let mut out = Vec::with_capacity(256 + fields.len());
+    head.append(&mut out, ts, event, fields);
+    out.pop();
+    (String::from_utf8_lossy(&out).into_owned(), head.prev)
 }
 
 /// Why a line does not check out on its own.
@@ -123,14 +148,8 @@ mod tests {
 
     #[test]
     fn encoded_lines_check_out_and_any_edit_breaks_them() {
-        let fields = [
-            (
-                "path",
-                serde_json::Value::from("/wiki/\"quoted\"\n\u{2028}"),
-            ),
-            ("status", serde_json::Value::Null),
-        ];
-        let (line, line_hash) = encode("2026-11-23T10:00:00.000Z", 1, "request", GENESIS, &fields);
+        let fields = br#""path":"/wiki/\"quoted\"\n\u2028","status":null"#;
+        let (line, line_hash) = encode("2026-11-23T10:00:00.000Z", 1, "request", GENESIS, fields);
         assert_eq!(line_hash, sha256_hex(line.as_bytes()));
         assert!(line.ends_with("\"}"));
         assert!(!line.contains('\n'));
@@ -162,7 +181,7 @@ mod tests {
     fn malformed_lines() {
         assert_eq!(check_line("not json"), Err(LineError::NotJson));
         assert_eq!(check_line("{\"seq\":1}"), Err(LineError::NoHash));
-        let (line, _) = encode("t", 3, "startup", GENESIS, &[]);
+        let (line, _) = encode("t", 3, "startup", GENESIS, b"");
         let truncated = &line[..line.len() - 5];
         assert!(check_line(truncated).is_err());
     }

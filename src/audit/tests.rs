@@ -3,6 +3,7 @@ use std::path::{Path, PathBuf};
 use super::verify::verify;
 use super::*;
 use crate::config::{AuditSettings, AuditSink};
+use serde_json::Value;
 
 fn dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("keygate-audit-{tag}-{}", std::process::id()));
@@ -17,34 +18,34 @@ fn settings(path: &Path, rotate_size: u64, keep: u32) -> AuditSettings {
         rotate_size,
         keep,
         record_passthrough: true,
+        write_timeout: std::time::Duration::from_secs(5),
+        bypass_retention: std::time::Duration::from_secs(24 * 3600),
     }
 }
 
-fn start(s: AuditSettings) -> (Audit, AuditThread, writer::Recovery, Arc<Metrics>) {
+fn start(s: AuditSettings) -> (Audit, AuditThread, Recovery, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::default());
     let (audit, thread, recovery) = Audit::start(s, Arc::default(), Arc::clone(&metrics)).unwrap();
     (audit, thread, recovery, metrics)
 }
 
-fn fields(i: usize) -> Vec<(&'static str, Value)> {
-    vec![
-        ("request_id", Value::from(format!("r{i}"))),
-        ("path", Value::from("/wiki/x")),
-    ]
+fn fields(i: usize) -> Encoded {
+    record::encode(
+        "request",
+        &serde_json::json!({"request_id": format!("r{i}"), "path": "/wiki/x"}),
+    )
 }
 
 async fn write_n(audit: &Audit, n: usize) {
     for i in 0..n {
-        audit.durable("request", fields(i)).await.unwrap();
+        audit.durable(fields(i)).await.unwrap();
     }
 }
 
 async fn stop(audit: Audit, thread: AuditThread) {
     audit.close().await;
     drop(audit);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .unwrap();
+    thread.join().await;
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -82,16 +83,13 @@ async fn rotation_keeps_the_chain_and_prunes_beyond_keep() {
     let (audit, thread, _, _) = start(settings(&path, 4096, 2));
     write_n(&audit, 100).await;
     stop(audit, thread).await;
-    assert!(writer::rotated(&path, 1).exists());
-    assert!(writer::rotated(&path, 2).exists());
-    assert!(
-        !writer::rotated(&path, 3).exists(),
-        "beyond keep is deleted"
-    );
+    assert!(file::rotated(&path, 1).exists());
+    assert!(file::rotated(&path, 2).exists());
+    assert!(!file::rotated(&path, 3).exists(), "beyond keep is deleted");
     for f in [
         path.clone(),
-        writer::rotated(&path, 1),
-        writer::rotated(&path, 2),
+        file::rotated(&path, 1),
+        file::rotated(&path, 2),
     ] {
         assert!(
             std::fs::metadata(&f).unwrap().len() <= 4096,
@@ -107,20 +105,20 @@ async fn rotation_keeps_the_chain_and_prunes_beyond_keep() {
     );
     assert!(report.to_string().contains("earlier files were pruned"));
     let shuffled = [
-        writer::rotated(&path, 1),
+        file::rotated(&path, 1),
         path.clone(),
-        writer::rotated(&path, 2),
+        file::rotated(&path, 2),
     ];
     assert_eq!(verify(&shuffled).unwrap().records, report.records);
     // The first record of the active file links to the last line of `.1`.
-    let last_of_1 = lines(&writer::rotated(&path, 1)).pop().unwrap();
+    let last_of_1 = lines(&file::rotated(&path, 1)).pop().unwrap();
     let first_active: Value = serde_json::from_str(&lines(&path)[0]).unwrap();
     assert_eq!(
         first_active["prev"],
         chain::sha256_hex(last_of_1.as_bytes())
     );
     // A missing file in the middle of the chain is named.
-    let err = verify(&[path.clone(), writer::rotated(&path, 2)]).unwrap_err();
+    let err = verify(&[path.clone(), file::rotated(&path, 2)]).unwrap_err();
     assert!(err.why.contains("a file is missing in the middle"), "{err}");
     assert_eq!(err.line, 1);
 }
@@ -192,10 +190,10 @@ async fn a_torn_last_line_is_cut_at_start_and_a_warning_for_verify() {
     assert!(recovery.torn_bytes.unwrap() > 10);
     assert_eq!(recovery.next_seq, 4);
     audit
-        .durable(
+        .durable(record::encode(
             "startup",
-            vec![("torn_line_cut_bytes", Value::from(recovery.torn_bytes))],
-        )
+            &serde_json::json!({"torn_line_cut_bytes": recovery.torn_bytes}),
+        ))
         .await
         .unwrap();
     stop(audit, thread).await;
@@ -214,17 +212,14 @@ async fn concurrent_durable_records_share_fsyncs() {
         let audit = audit.clone();
         tasks.spawn(async move {
             for i in 0..50 {
-                audit
-                    .durable("request", fields(t * 1000 + i))
-                    .await
-                    .unwrap();
+                audit.durable(fields(t * 1000 + i)).await.unwrap();
             }
         });
     }
     while let Some(r) = tasks.join_next().await {
         r.unwrap();
     }
-    let fsyncs = metrics.counter("keygate_audit_fsyncs_total", &[]);
+    let fsyncs = metrics.audit_fsyncs.get();
     stop(audit, thread).await;
     assert_eq!(verify(&[path]).unwrap().records, 1600);
     assert!(
@@ -240,7 +235,10 @@ async fn client_strings_are_escaped_never_spliced() {
     let (audit, thread, _, _) = start(settings(&path, 1 << 20, 1));
     let nasty = "ua\",\"admin_key\":true,\"x\":\"\n{\"seq\":1}";
     audit
-        .durable("request", vec![("user_agent", Value::from(nasty))])
+        .durable(record::encode(
+            "request",
+            &serde_json::json!({"user_agent": nasty}),
+        ))
         .await
         .unwrap();
     stop(audit, thread).await;

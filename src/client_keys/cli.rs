@@ -129,7 +129,7 @@ fn read_secret() -> Result<String, String> {
 fn print_issued(verb: &str, issued: &Issued, json: bool) {
     let e = &issued.entry;
     if json {
-        let mut v = super::api::listing(e);
+        let mut v = super::file::listing(e);
         v["client_secret"] = serde_json::Value::from(issued.generated_secret.clone());
         println!("{v}");
         return;
@@ -148,7 +148,7 @@ fn print_issued(verb: &str, issued: &Issued, json: bool) {
 fn print_list(keys: &[KeyEntry], json: bool) {
     let now = std::time::SystemTime::now();
     if json {
-        let items: Vec<_> = keys.iter().map(super::api::listing).collect();
+        let items: Vec<_> = keys.iter().map(super::file::listing).collect();
         println!("{}", serde_json::Value::Array(items));
         return;
     }

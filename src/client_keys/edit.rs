@@ -40,7 +40,30 @@ pub enum Selector<'a> {
     Id(&'a str),
 }
 
+/// A `Selector` that owns its text (to move it to another thread).
+#[derive(Debug, Clone)]
+pub enum OwnedSelector {
+    ClientId(String),
+    Id(String),
+}
+
+impl OwnedSelector {
+    pub fn as_selector(&self) -> Selector<'_> {
+        match self {
+            OwnedSelector::ClientId(c) => Selector::ClientId(c),
+            OwnedSelector::Id(i) => Selector::Id(i),
+        }
+    }
+}
+
 impl Selector<'_> {
+    pub fn owned(&self) -> OwnedSelector {
+        match self {
+            Selector::ClientId(c) => OwnedSelector::ClientId((*c).to_owned()),
+            Selector::Id(i) => OwnedSelector::Id((*i).to_owned()),
+        }
+    }
+
     fn matches(&self, e: &KeyEntry) -> bool {
         match self {
             Selector::ClientId(c) => e.client_id == *c,
@@ -80,6 +103,51 @@ pub fn list(path: &Path) -> Result<Vec<KeyEntry>, KeysError> {
 }
 
 pub fn create(path: &Path, new: NewKey) -> Result<Issued, KeysError> {
+    let mut issued = create_many(path, vec![new])?;
+    issued
+        .pop()
+        .ok_or_else(|| KeysError::Invalid("nothing was created".into()))
+}
+
+/// Creates several keys in one change: all of them or, if any is refused, none.
+pub fn create_many(path: &Path, batch: Vec<NewKey>) -> Result<Vec<Issued>, KeysError> {
+    for new in &batch {
+        check_new(new)?;
+    }
+    change(path, |file| {
+        let first_id = file
+            .keys
+            .iter()
+            .filter_map(|k| k.id.parse::<u64>().ok())
+            .max()
+            .map_or(1001, |m| m + 1);
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut issued = Vec::with_capacity(batch.len());
+        for (next_id, new) in (first_id..).zip(&batch) {
+            let client_id = super::new_client_id(&new.name);
+            let (secret, generated) = secret_for(&client_id, new.secret.clone())?;
+            let entry = KeyEntry {
+                id: next_id.to_string(),
+                client_id,
+                name: new.name.clone(),
+                secret_hash: hash(&secret)?,
+                roles: new.roles.clone(),
+                expiration: new.expiration.clone(),
+                is_valid: true,
+                created: Some(crate::rfc3339::format_seconds(SystemTime::now())),
+            };
+            entries.push(entry.clone());
+            issued.push(Issued {
+                entry,
+                generated_secret: generated,
+            });
+        }
+        Ok((Edit::Append(entries), issued))
+    })
+}
+
+/// Checks what a caller asked for before anything is written.
+pub fn check_new(new: &NewKey) -> Result<(), KeysError> {
     check_name(&new.name)?;
     for role in &new.roles {
         if role.trim().is_empty() || role.contains(['\n', '\r']) {
@@ -96,33 +164,10 @@ pub fn create(path: &Path, new: NewKey) -> Result<Issued, KeysError> {
             )));
         }
     }
-    change(path, |file| {
-        let client_id = super::new_client_id(&new.name);
-        let (secret, generated) = secret_for(&client_id, new.secret.clone())?;
-        let next_id = file
-            .keys
-            .iter()
-            .filter_map(|k| k.id.parse::<u64>().ok())
-            .max()
-            .map_or(1001, |m| m + 1);
-        let entry = KeyEntry {
-            id: next_id.to_string(),
-            client_id,
-            name: new.name.clone(),
-            secret_hash: hash(&secret)?,
-            roles: new.roles.clone(),
-            expiration: new.expiration.clone(),
-            is_valid: true,
-            created: Some(crate::rfc3339::format_seconds(SystemTime::now())),
-        };
-        Ok((
-            Edit::Append(entry.clone()),
-            Issued {
-                entry,
-                generated_secret: generated,
-            },
-        ))
-    })
+    if let Some(secret) = &new.secret {
+        super::check_user_secret(secret).map_err(KeysError::Invalid)?;
+    }
+    Ok(())
 }
 
 pub fn revoke(path: &Path, which: Selector<'_>) -> Result<KeyEntry, KeysError> {
@@ -213,7 +258,7 @@ fn yaml_string(s: &str) -> String {
 }
 
 enum Edit {
-    Append(KeyEntry),
+    Append(Vec<KeyEntry>),
     /// Set these fields of the entry at this index.
     Fields(usize, Vec<(&'static str, String)>),
 }
@@ -265,18 +310,14 @@ fn read_only_or(path: &Path, e: std::io::Error) -> KeysError {
     }
 }
 
-/// An exclusive lock held for the read-modify-write, on the keys file itself (or,
-/// before it exists, on its directory), so `keygate keys` and the key API never
-/// interleave.
+/// An exclusive lock held for the whole read-modify-write, on the keys file's
+/// directory: the file itself is replaced by a rename, so a lock on it would be
+/// on the old inode and two writers could both win. `keygate keys` and the key
+/// API (any number of concurrent calls) are serialised here.
 fn lock(path: &Path) -> std::io::Result<std::fs::File> {
-    let target = if path.exists() {
-        path.to_path_buf()
-    } else {
-        parent(path).to_path_buf()
-    };
-    let file = std::fs::File::open(target)?;
-    file.lock()?;
-    Ok(file)
+    let dir = std::fs::File::open(parent(path))?;
+    dir.lock()?;
+    Ok(dir)
 }
 
 fn parent(path: &Path) -> &Path {
@@ -294,7 +335,9 @@ fn replace(path: &Path, text: &str) -> std::io::Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("keys.yaml");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o7777);
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -420,20 +463,23 @@ fn apply(text: &str, before: &KeysFile, edit: Edit) -> Result<(String, Vec<KeyEn
     }
     let mut expected = before.keys.clone();
     match edit {
-        Edit::Append(entry) => {
+        Edit::Append(entries) => {
             let at = layout
                 .items
                 .last()
                 .map_or(layout.header + 1, |(_, end)| *end);
-            // Keep trailing blank lines and comments after the new entry.
+            // Keep trailing blank lines and comments after the new entries.
             let at = (layout.header + 1..at)
                 .rev()
                 .take_while(|i| !is_meaningful(&lines[*i]))
                 .last()
                 .unwrap_or(at);
-            let new = render_entry(&entry, layout.indent);
+            let new: Vec<String> = entries
+                .iter()
+                .flat_map(|e| render_entry(e, layout.indent))
+                .collect();
             lines.splice(at..at, new);
-            expected.push(entry);
+            expected.extend(entries);
         }
         Edit::Fields(index, fields) => {
             let (start, mut end) = layout.items[index];

@@ -64,9 +64,12 @@ pub struct ApiKey {
     pub is_valid: bool,
 }
 
+/// The largest keys file read (about 20,000 keys).
+pub const MAX_KEYS_FILE: u64 = 16 << 20;
+
 /// Reads and validates a keys file; every error names file, entry and field.
 pub fn read(path: &Path) -> Result<(KeysFile, Vec<ApiKey>), ConfigErrors> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::config::read_capped(path, MAX_KEYS_FILE)
         .map_err(|e| ConfigErrors::single(path, "", format!("cannot read the keys file: {e}")))?;
     let file: KeysFile = from_yaml(&text, path)?;
     let keys = validate(&file, path)?;
@@ -104,6 +107,17 @@ pub fn validate(file: &KeysFile, path: &Path) -> Result<Vec<ApiKey>, ConfigError
                 "client_id",
                 "expected a unique client_id; it appears twice".into(),
             );
+        }
+        if let Some(suffix) = super::client_id_suffix(&e.client_id) {
+            if let Some(other) = keys
+                .iter()
+                .position(|k| super::client_id_suffix(&k.client_id) == Some(suffix))
+            {
+                error(
+                    "client_id",
+                    format!("expected a unique suffix after the last `_`; `{suffix}` is also the suffix of keys[{other}], and Bearer tokens find their key by it"),
+                );
+            }
         }
         if keys.iter().any(|k| k.id == e.id) {
             error(
@@ -146,4 +160,18 @@ pub fn validate(file: &KeysFile, path: &Path) -> Result<Vec<ApiKey>, ConfigError
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// A key as listed: never a secret or a hash.
+pub fn listing(e: &KeyEntry) -> serde_json::Value {
+    serde_json::json!({
+        "type": "api_access",
+        "id": e.id,
+        "client_id": e.client_id,
+        "name": e.name,
+        "roles": e.roles,
+        "expiration": e.expiration,
+        "is_valid": e.is_valid,
+        "created": e.created,
+    })
 }

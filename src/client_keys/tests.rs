@@ -1,6 +1,8 @@
 use super::*;
 use std::time::UNIX_EPOCH;
 
+const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 fn key(client_id: &str, secret: &str) -> ApiKey {
     ApiKey {
         id: "1".into(),
@@ -29,14 +31,14 @@ async fn basic_and_bearer_authenticate_and_wrong_secrets_never_pass() {
     );
     let now = SystemTime::now();
     let ok = store
-        .authenticate(Some(&basic(&id, &secret)), now)
+        .authenticate(Some(&basic(&id, &secret)), LOCAL, now)
         .await
         .unwrap();
     assert_eq!(ok.client_id, id);
     let bearer = HeaderValue::from_str(&format!("Bearer {secret}")).unwrap();
     assert_eq!(
         store
-            .authenticate(Some(&bearer), now)
+            .authenticate(Some(&bearer), LOCAL, now)
             .await
             .unwrap()
             .client_id,
@@ -44,18 +46,20 @@ async fn basic_and_bearer_authenticate_and_wrong_secrets_never_pass() {
     );
     // Right after the right secret was cached, a wrong one is still refused.
     let wrong = store
-        .authenticate(Some(&basic(&id, "Wrong-Secret-1")), now)
+        .authenticate(Some(&basic(&id, "Wrong-Secret-1")), LOCAL, now)
         .await;
     assert_eq!(wrong.unwrap_err().error, AuthError::WrongSecret);
     let mut near = secret.clone();
     near.pop();
     near.push('!');
-    let wrong = store.authenticate(Some(&basic(&id, &near)), now).await;
+    let wrong = store
+        .authenticate(Some(&basic(&id, &near)), LOCAL, now)
+        .await;
     assert_eq!(wrong.unwrap_err().error, AuthError::WrongSecret);
     let wrong_bearer = HeaderValue::from_str(&format!("Bearer {near}")).unwrap();
     assert_eq!(
         store
-            .authenticate(Some(&wrong_bearer), now)
+            .authenticate(Some(&wrong_bearer), LOCAL, now)
             .await
             .unwrap_err()
             .error,
@@ -109,7 +113,10 @@ async fn refusals_have_reasons() {
         ),
     ];
     for (header, expected) in cases {
-        let got = store.authenticate(header.as_ref(), now).await.unwrap_err();
+        let got = store
+            .authenticate(header.as_ref(), LOCAL, now)
+            .await
+            .unwrap_err();
         assert_eq!(got.error, *expected, "{header:?}");
     }
     assert_eq!(store.argon2_runs(), 0, "refused before hashing");
@@ -130,7 +137,7 @@ async fn argon2_runs_once_for_many_concurrent_requests_with_one_key() {
         let (store, header) = (Arc::clone(&store), header.clone());
         tasks.spawn(async move {
             store
-                .authenticate(Some(&header), SystemTime::now())
+                .authenticate(Some(&header), LOCAL, SystemTime::now())
                 .await
                 .is_ok()
         });
@@ -219,7 +226,7 @@ async fn fixed_credential_accepts_exactly_one_credential() {
     let store = KeyStore::fixed_credential("bench", "Secret-123", vec!["r".into()]);
     let now = SystemTime::now();
     let ok = store
-        .authenticate(Some(&basic("bench", "Secret-123")), now)
+        .authenticate(Some(&basic("bench", "Secret-123")), LOCAL, now)
         .await
         .unwrap();
     assert_eq!(ok.roles, ["r"]);
@@ -229,7 +236,7 @@ async fn fixed_credential_accepts_exactly_one_credential() {
         ("bench", ""),
     ] {
         assert!(store
-            .authenticate(Some(&basic(id, secret)), now)
+            .authenticate(Some(&basic(id, secret)), LOCAL, now)
             .await
             .is_err());
     }

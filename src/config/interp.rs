@@ -4,7 +4,11 @@ use std::path::Path;
 
 /// Replaces every `${env:NAME}` and `${file:PATH}` in `value`. Relative file paths
 /// are resolved against `base_dir`; a file's trailing newline is trimmed.
-pub fn interpolate(value: &str, base_dir: &Path) -> Result<String, String> {
+pub(super) fn interpolate(
+    value: &str,
+    base_dir: &Path,
+    env: &super::Env,
+) -> Result<String, String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {
@@ -14,27 +18,22 @@ pub fn interpolate(value: &str, base_dir: &Path) -> Result<String, String> {
             return Err("expected `}` closing `${`".into());
         };
         let reference = &after[..end];
-        out.push_str(&resolve(reference, base_dir)?);
+        out.push_str(&resolve(reference, base_dir, env)?);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
 }
 
-fn resolve(reference: &str, base_dir: &Path) -> Result<String, String> {
+fn resolve(reference: &str, base_dir: &Path, env: &super::Env) -> Result<String, String> {
     if let Some(name) = reference.strip_prefix("env:") {
-        return std::env::var(name).map_err(|e| match e {
-            std::env::VarError::NotPresent => {
-                format!("environment variable `{name}` is not set")
-            }
-            std::env::VarError::NotUnicode(_) => {
-                format!("environment variable `{name}` is not valid UTF-8")
-            }
+        return env(name).ok_or_else(|| {
+            format!("environment variable `{name}` is not set (or not valid UTF-8)")
         });
     }
     if let Some(path) = reference.strip_prefix("file:") {
         let full = base_dir.join(path);
-        let text = std::fs::read_to_string(&full)
+        let text = super::read_capped(&full, super::MAX_SECRET_FILE)
             .map_err(|e| format!("cannot read `{}`: {e}", full.display()))?;
         return Ok(text.trim_end_matches(['\n', '\r']).to_owned());
     }
@@ -52,7 +51,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keygate-interp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("token"), "s3cret\n").unwrap();
-        std::env::set_var("KEYGATE_TEST_INTERP", "from-env");
+        let env = |name: &str| (name == "KEYGATE_TEST_INTERP").then(|| "from-env".to_owned());
         let cases: &[(&str, Result<&str, ()>)] = &[
             ("plain", Ok("plain")),
             ("${env:KEYGATE_TEST_INTERP}", Ok("from-env")),
@@ -64,7 +63,7 @@ mod tests {
             ("${env:X", Err(())),
         ];
         for (input, expected) in cases {
-            let got = interpolate(input, &dir);
+            let got = interpolate(input, &dir, &env);
             match expected {
                 Ok(want) => assert_eq!(got.as_deref(), Ok(*want), "{input}"),
                 Err(()) => assert!(got.is_err(), "{input} gave {got:?}"),

@@ -18,6 +18,23 @@ pub struct RawConfig {
     pub audit: Option<RawAudit>,
     #[serde(default)]
     pub limits: RawLimits,
+    pub state: Option<RawState>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub replica: Option<String>,
+    pub postgres: Option<RawPostgres>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    pub url: String,
+    pub ca_file: Option<String>,
+    pub pool_size: Option<u32>,
+    pub statement_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -25,6 +42,7 @@ pub struct RawConfig {
 pub struct RawListen {
     pub address: String,
     pub tls: Option<RawTls>,
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +71,7 @@ pub struct RawConfluence {
     pub request_timeout: Option<String>,
     /// Extra PEM CA bundle trusted besides the web PKI roots (private CAs, tests).
     pub ca_file: Option<String>,
+    pub rewrite_json: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +108,8 @@ pub struct RawAudit {
     pub rotate_size: Option<String>,
     pub keep: Option<u32>,
     pub record_passthrough: Option<bool>,
+    pub write_timeout: Option<String>,
+    pub bypass_retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,4 +120,6 @@ pub struct RawLimits {
     pub upstream_backoff: Option<bool>,
     pub header_read_timeout: Option<String>,
     pub max_header_bytes: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub body_idle_timeout: Option<String>,
 }

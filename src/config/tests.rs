@@ -24,7 +24,8 @@ fn load_text(tag: &str, text: &str) -> Result<Config, ConfigErrors> {
     let dir = temp_dir(tag);
     let file = dir.join("keygate.yaml");
     std::fs::write(&file, text).unwrap();
-    load(&file)
+    let env = |_: &str| None;
+    load_with(&file, &env).and_then(|c| c.secrets_with(&env).map(|_| c))
 }
 
 #[test]
@@ -50,10 +51,14 @@ fn minimal_config_gets_the_documented_defaults() {
 
 #[test]
 fn example_config_is_valid() {
-    std::env::set_var("KEYGATE_ADMIN_TOKEN", "an-admin-token-of-enough-length");
-    std::env::set_var("CONFLUENCE_API_TOKEN", "confluence-token");
+    let env = |name: &str| match name {
+        "KEYGATE_ADMIN_TOKEN" => Some("an-admin-token-of-enough-length".to_owned()),
+        "CONFLUENCE_API_TOKEN" => Some("confluence-token".to_owned()),
+        _ => None,
+    };
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.example.yaml");
-    let c = load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let c = load_with(&file, &env).unwrap_or_else(|e| panic!("{e}"));
+    c.secrets_with(&env).unwrap_or_else(|e| panic!("{e}"));
     assert!(c.routes.any_bypass());
     assert!(c.audit.is_some());
 }
@@ -312,14 +317,15 @@ fn all_errors_are_collected_at_once() {
 fn interpolation_reads_env_and_files_relative_to_the_config() {
     let dir = temp_dir("interp");
     std::fs::write(dir.join("token.txt"), "from-file\n").unwrap();
-    std::env::set_var("KEYGATE_TEST_EMAIL", "env@example.com");
+    let env = |name: &str| (name == "KEYGATE_TEST_EMAIL").then(|| "env@example.com".to_owned());
     let text = BASE
         .replace("api_token: token", "api_token: ${file:token.txt}")
         .replace("admin@example.com", "${env:KEYGATE_TEST_EMAIL}");
     let file = dir.join("keygate.yaml");
     std::fs::write(&file, text).unwrap();
-    let c = load(&file).unwrap();
-    assert_eq!(c.confluence.api_token.expose(), "from-file");
+    let c = load_with(&file, &env).unwrap();
+    let secrets = c.secrets_with(&env).unwrap();
+    assert_eq!(secrets.api_token.expose(), "from-file");
     assert_eq!(c.confluence.email, "env@example.com");
     assert!(
         !format!("{:?}", c.confluence).contains("from-file"),

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-/// Parses a duration made of one or more `<number><unit>` parts, units `ms`, `s`, `m`, `h`.
+/// Parses a duration made of one or more `<number><unit>` parts, units `ms`, `s`,
+/// `m`, `h`, `d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     const EXPECTED: &str = "expected a duration like `500ms`, `30s`, `10m` or `1h`";
     let text = text.trim();
@@ -26,6 +27,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(number),
             "m" => Duration::from_secs(number.saturating_mul(60)),
             "h" => Duration::from_secs(number.saturating_mul(3600)),
+            "d" => Duration::from_secs(number.saturating_mul(86_400)),
             _ => return Err(format!("{EXPECTED}, got `{text}`")),
         };
         total = total.saturating_add(part);
@@ -63,7 +65,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// Formats a duration the way the config writes it, for summaries.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms.is_multiple_of(3_600_000) && ms > 0 {
+    if ms.is_multiple_of(86_400_000) && ms > 0 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
     } else if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
@@ -86,6 +90,7 @@ mod tests {
             ("10m", 600_000),
             ("1h", 3_600_000),
             ("1h30m", 5_400_000),
+            ("7d", 604_800_000),
             ("0s", 0),
         ];
         for (text, ms) in ok {

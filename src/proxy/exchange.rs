@@ -1,32 +1,39 @@
 //! What happened to one request, gathered as the pipeline runs, for the access log,
-//! the metrics and the audit records. Holds nothing secret: no credential, no
-//! cookie, no body.
+//! the metrics and the audit records. It holds cheap clones of what the request
+//! already carries (header values, the URI, the key) rather than copies, and
+//! nothing secret: no credential, no cookie, no body.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::USER_AGENT;
-use http::Request;
-use serde_json::Value;
+use http::header::{HeaderValue, USER_AGENT};
+use http::{Method, Request, Uri};
 
 use crate::admin_key::Lease;
+use crate::audit::record::{self, Clip, Truncated};
+use crate::audit::Encoded;
+use crate::client_keys::ApiKey;
+use crate::route::CanonicalPath;
 
 pub struct Exchange {
-    pub request_id: String,
+    pub request_id: HeaderValue,
     pub remote_addr: SocketAddr,
-    pub method: String,
-    /// The canonical path once known; the raw one for a refused target.
-    pub path: String,
-    pub query: Option<String>,
-    pub user_agent: Option<String>,
-    pub client_id: Option<String>,
-    pub key_name: Option<String>,
-    pub route: Option<String>,
+    pub method: Method,
+    /// The target as received (for a refused path, what is logged).
+    pub uri: Uri,
+    /// The canonical path once known.
+    pub path: Option<CanonicalPath>,
+    pub user_agent: Option<HeaderValue>,
+    pub key: Option<Arc<ApiKey>>,
+    /// The client_id a refused credential claimed.
+    pub claimed: Option<String>,
+    /// The deciding route's position and name.
+    pub route: Option<(usize, Arc<str>)>,
     /// The deciding route has `admin_key: true`.
     pub bypass_route: bool,
-    /// keygate added the bypass header (its start record is on disk).
+    /// keygate added the bypass header (its start record is durable).
     pub admin_key: bool,
     pub lease: Option<Lease>,
     pub upstream_status: Option<u16>,
@@ -36,19 +43,16 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn new<B>(request: &Request<B>, remote_addr: SocketAddr, request_id: String) -> Self {
+    pub fn new<B>(request: &Request<B>, remote_addr: SocketAddr, request_id: HeaderValue) -> Self {
         Exchange {
             request_id,
             remote_addr,
-            method: request.method().to_string(),
-            path: request.uri().path().to_owned(),
-            query: request.uri().query().map(str::to_owned),
-            user_agent: request
-                .headers()
-                .get(USER_AGENT)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-            client_id: None,
-            key_name: None,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            path: None,
+            user_agent: request.headers().get(USER_AGENT).cloned(),
+            key: None,
+            claimed: None,
             route: None,
             bypass_route: false,
             admin_key: false,
@@ -60,66 +64,102 @@ impl Exchange {
         }
     }
 
-    /// The fields of a `request` record; `status` is `None` for `phase: "start"`.
-    pub fn request_fields(
-        &self,
-        phase: &'static str,
-        admin_key: bool,
-        status: Option<u16>,
-        bytes_out: u64,
-    ) -> Vec<(&'static str, Value)> {
-        let lease = self.lease.as_ref().filter(|_| admin_key);
-        let end = status.is_some();
-        vec![
-            ("phase", Value::from(phase)),
-            ("request_id", Value::from(self.request_id.as_str())),
-            ("client_id", Value::from(self.client_id.clone())),
-            ("key_name", Value::from(self.key_name.clone())),
-            ("remote_addr", Value::from(self.remote_addr.to_string())),
-            ("method", Value::from(self.method.as_str())),
-            ("path", Value::from(self.path.as_str())),
-            ("query", Value::from(self.query.clone())),
-            ("route", Value::from(self.route.clone())),
-            ("admin_key", Value::from(admin_key)),
-            (
-                "admin_account",
-                Value::from(lease.map(|l| l.account_id.clone())),
-            ),
-            (
-                "admin_key_expires",
-                Value::from(lease.map(|l| crate::rfc3339::format_seconds(l.expires))),
-            ),
-            ("status", Value::from(status)),
-            (
-                "upstream_status",
-                Value::from(self.upstream_status.filter(|_| end)),
-            ),
-            (
-                "bytes_in",
-                Value::from(self.bytes_in.load(Ordering::Relaxed)),
-            ),
-            ("bytes_out", Value::from(bytes_out)),
-            (
-                "duration_ms",
-                if end {
-                    Value::from(self.started.elapsed().as_millis() as u64)
-                } else {
-                    Value::Null
-                },
-            ),
-            ("user_agent", Value::from(self.user_agent.clone())),
-        ]
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
     }
 
-    pub fn auth_failure_fields(&self) -> Vec<(&'static str, Value)> {
-        vec![
-            ("request_id", Value::from(self.request_id.as_str())),
-            ("client_id", Value::from(self.client_id.clone())),
-            ("reason", Value::from(self.auth_failure)),
-            ("remote_addr", Value::from(self.remote_addr.to_string())),
-            ("method", Value::from(self.method.as_str())),
-            ("path", Value::from(self.path.as_str())),
-            ("user_agent", Value::from(self.user_agent.clone())),
-        ]
+    /// The canonical path, or the raw one for a refused target.
+    pub fn path(&self) -> &str {
+        match &self.path {
+            Some(p) => p.as_str(),
+            None => self.uri.path(),
+        }
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        self.key
+            .as_ref()
+            .map(|k| k.client_id.as_str())
+            .or(self.claimed.as_deref())
+    }
+
+    pub fn route_name(&self) -> Option<&str> {
+        self.route.as_ref().map(|(_, n)| &**n)
+    }
+
+    fn user_agent(&self) -> Option<&str> {
+        self.user_agent.as_ref().and_then(|v| v.to_str().ok())
+    }
+
+    /// The `request` record: `phase: "start"` (no status yet) or `"end"`.
+    pub fn request_record(&self, status: Option<u16>, bytes_out: u64) -> Encoded {
+        let end = status.is_some();
+        let lease = self.lease.as_ref().filter(|_| self.admin_key);
+        let mut truncated = Truncated::default();
+        let record = record::Request {
+            phase: if end { "end" } else { "start" },
+            request_id: self.request_id(),
+            client_id: truncated.note(
+                "client_id",
+                self.client_id()
+                    .map(|c| Clip::new(c, record::MAX_CLIENT_ID)),
+            ),
+            key_name: self.key.as_ref().map(|k| k.name.as_str()),
+            remote_addr: self.remote_addr,
+            method: Clip::new(self.method.as_str(), record::MAX_METHOD),
+            path: truncated
+                .note("path", Some(Clip::new(self.path(), record::MAX_PATH)))
+                .unwrap_or_else(|| Clip::new("", 0)),
+            query: truncated.note(
+                "query",
+                self.uri.query().map(|q| Clip::new(q, record::MAX_QUERY)),
+            ),
+            route: self.route_name(),
+            admin_key: self.admin_key,
+            admin_account: lease.map(|l| l.account_id.as_str()),
+            admin_key_expires: lease.map(|l| l.expires),
+            status,
+            upstream_status: self.upstream_status.filter(|_| end),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            duration_ms: end.then(|| self.elapsed_ms()),
+            user_agent: truncated.note(
+                "user_agent",
+                self.user_agent()
+                    .map(|u| Clip::new(u, record::MAX_USER_AGENT)),
+            ),
+            truncated,
+        };
+        record::encode("request", &record)
+    }
+
+    /// The `auth_failure` record.
+    pub fn auth_failure_record(&self) -> Encoded {
+        let mut truncated = Truncated::default();
+        let record = record::AuthFailure {
+            request_id: self.request_id(),
+            client_id: truncated.note(
+                "client_id",
+                self.client_id()
+                    .map(|c| Clip::new(c, record::MAX_CLIENT_ID)),
+            ),
+            reason: self.auth_failure.unwrap_or("unknown"),
+            remote_addr: self.remote_addr,
+            method: Clip::new(self.method.as_str(), record::MAX_METHOD),
+            path: truncated
+                .note("path", Some(Clip::new(self.path(), record::MAX_PATH)))
+                .unwrap_or_else(|| Clip::new("", 0)),
+            user_agent: truncated.note(
+                "user_agent",
+                self.user_agent()
+                    .map(|u| Clip::new(u, record::MAX_USER_AGENT)),
+            ),
+            truncated,
+        };
+        record::encode("auth_failure", &record)
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }

@@ -183,6 +183,7 @@ mod tests {
             let role_names: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
             Route {
                 name: name.into(),
+                shared_name: name.into(),
                 methods: vec![Method::GET],
                 pattern: PathPattern::parse(path).unwrap(),
                 roles: RoleRule::from_names(&role_names),

@@ -1,21 +1,24 @@
-//! Reload on SIGHUP and when the config or keys file changes: re-read and validate
-//! everything; if valid, the new generation applies to new requests atomically; if
-//! not, the old one stays in force and the error is logged.
+//! Reload on SIGHUP and when the config, keys or certificate files change:
+//! re-read and validate everything off the request path; if valid, the new
+//! generation applies to new requests atomically; if not, the old one stays in
+//! force and the error is logged. A change made while a reload runs is not lost:
+//! what was loaded is fingerprinted before it is read, so the next poll sees the
+//! difference.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use super::Control;
 use crate::server::Shutdown;
-use crate::Control;
 
 /// How often the files are looked at. Kubernetes updates mounted Secrets and
 /// ConfigMaps by swapping a symlink, which a poll of the target sees.
 const POLL: Duration = Duration::from_secs(2);
 
 /// Modification time and length of each watched file, as last loaded.
-pub type Fingerprint = Vec<Option<(SystemTime, u64)>>;
+pub(super) type Fingerprint = Vec<Option<(SystemTime, u64)>>;
 
-pub fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+pub(super) fn fingerprint(files: &[PathBuf]) -> Fingerprint {
     files
         .iter()
         .map(|f| {
@@ -27,7 +30,7 @@ pub fn fingerprint(files: &[PathBuf]) -> Fingerprint {
 }
 
 /// Watches for SIGHUP and file changes until shutdown.
-pub async fn watch(control: Control, mut shutdown: Shutdown) {
+pub(super) async fn watch(control: Control, mut shutdown: Shutdown) {
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -49,16 +52,19 @@ pub async fn watch(control: Control, mut shutdown: Shutdown) {
                 }
             } => "SIGHUP",
             _ = tick.tick() => {
-                let gateway = control.gateway();
-                let now = fingerprint(&gateway.watched_files());
-                if now == gateway.loaded_files || refused.as_ref() == Some(&now) {
+                let generation = control.generation();
+                let files = super::generation::watched_files(&generation.config);
+                let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&files)).await else {
+                    continue;
+                };
+                if now == generation.loaded_files || refused.as_ref() == Some(&now) {
                     continue;
                 }
                 refused = Some(now);
                 "file change"
             }
         };
-        if control.reload(trigger).is_ok() {
+        if control.reload(trigger).await.is_ok() {
             refused = None;
         }
     }

@@ -1,28 +1,19 @@
 //! The key management API on the ops listener (`/api/api_accesses`), with the wire
 //! shapes of the API-access-key reference: create, list, get, revoke, regenerate.
 //! Only with `ops.admin_token` set; callers present it as a Bearer token, compared
-//! in constant time. Writes go through the same edits as `keygate keys`.
+//! in constant time. Writes go through the key store (the keys file, as
+//! `keygate keys` edits it, or the database).
+//!
+//! Invariant: a `201`/`200` for a change means it is durable and in force on this
+//! replica — the host applies it before the answer is sent.
 
 use http::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::edit::{self, Issued, KeysError, NewKey, Selector};
-use super::KeyEntry;
+use crate::client_keys::edit::{Issued, KeysError, NewKey, Selector};
+use crate::client_keys::file::listing;
+use crate::client_keys::store::KeyBackend;
 use crate::error::ProxyError;
-
-/// A key as listed: never a secret or a hash.
-pub fn listing(e: &KeyEntry) -> serde_json::Value {
-    serde_json::json!({
-        "type": "api_access",
-        "id": e.id,
-        "client_id": e.client_id,
-        "name": e.name,
-        "roles": e.roles,
-        "expiration": e.expiration,
-        "is_valid": e.is_valid,
-        "created": e.created,
-    })
-}
 
 fn issued_json(issued: &Issued) -> serde_json::Value {
     let mut v = serde_json::json!({
@@ -114,9 +105,9 @@ fn keys_error(e: KeysError) -> ProxyError {
     }
 }
 
-/// Handles one call below `/api/api_accesses`; blocking (file I/O and hashing).
-pub fn handle(
-    keys_file: &std::path::Path,
+/// Handles one call below `/api/api_accesses`.
+pub async fn handle(
+    keys: &dyn KeyBackend,
     method: &Method,
     rest: &str,
     body: &[u8],
@@ -124,7 +115,7 @@ pub fn handle(
     let id = rest.strip_prefix('/').filter(|s| !s.is_empty());
     match (method, id) {
         (&Method::GET, None) => {
-            let keys = edit::list(keys_file).map_err(keys_error)?;
+            let keys = keys.list().await.map_err(keys_error)?;
             let data: Vec<_> = keys.iter().map(listing).collect();
             Ok(Answer {
                 status: StatusCode::OK,
@@ -133,7 +124,7 @@ pub fn handle(
             })
         }
         (&Method::GET, Some(id)) => {
-            let keys = edit::list(keys_file).map_err(keys_error)?;
+            let keys = keys.list().await.map_err(keys_error)?;
             let key = keys
                 .iter()
                 .find(|k| k.id == id)
@@ -153,26 +144,32 @@ pub fn handle(
             if parsed.data.is_empty() {
                 return Err(invalid("expected at least one item in `data`"));
             }
-            let mut data = Vec::new();
-            let mut changes = Vec::new();
-            for item in parsed.data {
-                let issued = edit::create(
-                    keys_file,
-                    NewKey {
-                        name: item.name,
-                        roles: item.roles,
-                        expiration: item.expiration,
-                        secret: item.client_secret,
-                    },
-                )
-                .map_err(keys_error)?;
-                changes.push(Change {
-                    action: "create",
-                    client_id: issued.entry.client_id.clone(),
-                    key_id: issued.entry.id.clone(),
-                });
-                data.push(issued_json(&issued));
+            if parsed.data.len() > MAX_BATCH {
+                return Err(invalid(format!(
+                    "expected at most {MAX_BATCH} items in `data`"
+                )));
             }
+            let batch = parsed
+                .data
+                .into_iter()
+                .map(|item| NewKey {
+                    name: item.name,
+                    roles: item.roles,
+                    expiration: item.expiration,
+                    secret: item.client_secret,
+                })
+                .collect();
+            // All or nothing: one change for the whole batch.
+            let issued = keys.create(batch).await.map_err(keys_error)?;
+            let changes = issued
+                .iter()
+                .map(|i| Change {
+                    action: "create",
+                    client_id: i.entry.client_id.clone(),
+                    key_id: i.entry.id.clone(),
+                })
+                .collect();
+            let data: Vec<_> = issued.iter().map(issued_json).collect();
             Ok(Answer {
                 status: StatusCode::CREATED,
                 body: serde_json::json!({"total_count": data.len(), "data": data, "exceeds_total_count": false}),
@@ -184,14 +181,16 @@ pub fn handle(
                 invalid(format!("expected {{\"is_valid\": false}} or {{\"is_valid\": true, \"client_secret\": optional}}: {e}"))
             })?;
             let (issued, action) = if parsed.is_valid {
-                let issued = edit::regenerate(keys_file, Selector::Id(id), parsed.client_secret)
+                let issued = keys
+                    .regenerate(Selector::Id(id), parsed.client_secret)
+                    .await
                     .map_err(keys_error)?;
                 (issued, "regenerate")
             } else {
                 if parsed.client_secret.is_some() {
                     return Err(invalid("a revocation takes no client_secret"));
                 }
-                let entry = edit::revoke(keys_file, Selector::Id(id)).map_err(keys_error)?;
+                let entry = keys.revoke(Selector::Id(id)).await.map_err(keys_error)?;
                 (
                     Issued {
                         entry,
@@ -213,6 +212,9 @@ pub fn handle(
         _ => Err(ProxyError::MethodNotAllowed),
     }
 }
+
+/// Keys one create call may ask for.
+const MAX_BATCH: usize = 100;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,312 @@
+//! The audit records, one typed struct per event (SPEC §7 readable in one place),
+//! serialised once — on the side that makes the record — into the bytes of their
+//! fields. The writer wraps them with `ts`, `seq`, `event`, `prev` and `hash`.
+//!
+//! Invariants: values are JSON-encoded, never spliced in; a string a client
+//! controls is cut to a bound (on a character boundary) and the record says so
+//! in `truncated` with the original length, so a client cannot make keygate write
+//! large records; U+2028 and U+2029 are written escaped, so line-based log
+//! shippers never split a record; no record holds a secret, an `Authorization`
+//! value, a cookie or a body.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use serde::ser::{SerializeMap as _, Serializer};
+use serde::Serialize;
+
+/// Longest client-controlled strings kept in a record, in bytes.
+pub const MAX_PATH: usize = 1024;
+pub const MAX_QUERY: usize = 1024;
+pub const MAX_USER_AGENT: usize = 256;
+pub const MAX_CLIENT_ID: usize = 128;
+pub const MAX_METHOD: usize = 32;
+
+/// A record ready for the writer: its event name and the JSON of its fields,
+/// without the enclosing braces (`"a":1,"b":"x"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub event: &'static str,
+    pub fields: Vec<u8>,
+}
+
+/// Serialises `record` (a struct serialising as a JSON object) into an `Encoded`.
+pub fn encode<T: Serialize>(event: &'static str, record: &T) -> Encoded {
+    let mut json = Vec::with_capacity(384);
+    if serde_json::to_writer(&mut json, record).is_err() {
+        json.clear();
+        json.extend_from_slice(b"{}");
+    }
+    let json = escape_line_separators(json);
+    // `{...}` → `...`: the writer puts its own members in front.
+    let fields = if json.len() >= 2 {
+        json[1..json.len() - 1].to_vec()
+    } else {
+        Vec::new()
+    };
+    Encoded { event, fields }
+}
+
+/// Replaces raw U+2028/U+2029 (valid in JSON strings, but line breaks to many
+/// shippers) by their `\u` escapes.
+fn escape_line_separators(json: Vec<u8>) -> Vec<u8> {
+    let hit = |w: &[u8]| w[0] == 0xE2 && w[1] == 0x80 && (w[2] == 0xA8 || w[2] == 0xA9);
+    if !json.windows(3).any(hit) {
+        return json;
+    }
+    let mut out = Vec::with_capacity(json.len() + 8);
+    let mut i = 0;
+    while i < json.len() {
+        if i + 3 <= json.len() && hit(&json[i..i + 3]) {
+            out.extend_from_slice(if json[i + 2] == 0xA8 {
+                b"\\u2028"
+            } else {
+                b"\\u2029"
+            });
+            i += 3;
+        } else {
+            out.push(json[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A client-controlled string, cut to `max` bytes on a character boundary.
+#[derive(Debug, Clone, Copy)]
+pub struct Clip<'a> {
+    text: &'a str,
+    max: usize,
+}
+
+impl<'a> Clip<'a> {
+    pub fn new(text: &'a str, max: usize) -> Self {
+        Clip { text, max }
+    }
+
+    fn kept(&self) -> &'a str {
+        if self.text.len() <= self.max {
+            return self.text;
+        }
+        let mut end = self.max;
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &self.text[..end]
+    }
+
+    /// The original length when it was cut.
+    fn cut(&self) -> Option<usize> {
+        (self.text.len() > self.max).then_some(self.text.len())
+    }
+}
+
+impl Serialize for Clip<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.kept())
+    }
+}
+
+/// Original lengths of the fields that were cut: `{"user_agent": 70000}`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Truncated<'a> {
+    fields: [Option<(&'static str, usize)>; 5],
+    _marker: std::marker::PhantomData<&'a ()>,
+}
+
+impl<'a> Truncated<'a> {
+    /// Notes `clip` under `name` if it was cut; returns it for chaining.
+    pub fn note(&mut self, name: &'static str, clip: Option<Clip<'a>>) -> Option<Clip<'a>> {
+        if let Some(len) = clip.and_then(|c| c.cut()) {
+            if let Some(slot) = self.fields.iter_mut().find(|s| s.is_none()) {
+                *slot = Some((name, len));
+            }
+        }
+        clip
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.iter().all(Option::is_none)
+    }
+}
+
+impl Serialize for Truncated<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        for (name, len) in self.fields.iter().flatten() {
+            map.serialize_entry(name, len)?;
+        }
+        map.end()
+    }
+}
+
+fn seconds<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&crate::rfc3339::format_seconds(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+fn display<S: Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// `request`: one per request (`phase: "end"`), and for a bypass request a
+/// `phase: "start"` record made durable before it leaves.
+#[derive(Debug, Serialize)]
+pub struct Request<'a> {
+    pub phase: &'static str,
+    pub request_id: &'a str,
+    pub client_id: Option<Clip<'a>>,
+    pub key_name: Option<&'a str>,
+    #[serde(serialize_with = "display")]
+    pub remote_addr: SocketAddr,
+    pub method: Clip<'a>,
+    pub path: Clip<'a>,
+    pub query: Option<Clip<'a>>,
+    pub route: Option<&'a str>,
+    pub admin_key: bool,
+    pub admin_account: Option<&'a str>,
+    #[serde(serialize_with = "seconds")]
+    pub admin_key_expires: Option<SystemTime>,
+    pub status: Option<u16>,
+    pub upstream_status: Option<u16>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: Option<u64>,
+    pub user_agent: Option<Clip<'a>>,
+    #[serde(skip_serializing_if = "Truncated::is_empty")]
+    pub truncated: Truncated<'a>,
+}
+
+/// `auth_failure`: every 401 (within the per-source rate; beyond it, counted into
+/// an `auth_failure_summary`).
+#[derive(Debug, Serialize)]
+pub struct AuthFailure<'a> {
+    pub request_id: &'a str,
+    pub client_id: Option<Clip<'a>>,
+    pub reason: &'static str,
+    #[serde(serialize_with = "display")]
+    pub remote_addr: SocketAddr,
+    pub method: Clip<'a>,
+    pub path: Clip<'a>,
+    pub user_agent: Option<Clip<'a>>,
+    #[serde(skip_serializing_if = "Truncated::is_empty")]
+    pub truncated: Truncated<'a>,
+}
+
+/// `auth_failure_summary`: `auth_failure` records of one source that were over
+/// its rate, counted instead of written.
+#[derive(Debug, Serialize)]
+pub struct AuthFailureSummary {
+    pub remote_addr: String,
+    pub suppressed: u64,
+    #[serde(serialize_with = "seconds")]
+    pub since: Option<SystemTime>,
+}
+
+/// `audit_dropped`: best-effort records the writer's full queue turned away.
+#[derive(Debug, Serialize)]
+pub struct Dropped {
+    pub dropped: u64,
+}
+
+/// `admin_key`: enabled, refreshed, adopted, disabled, failed.
+#[derive(Debug, Serialize)]
+pub struct AdminKey<'a> {
+    pub action: &'static str,
+    #[serde(serialize_with = "seconds")]
+    pub expires: Option<SystemTime>,
+    pub account_id: Option<&'a str>,
+    pub reason: &'a str,
+    pub replica: &'a str,
+}
+
+/// `config_reload`: names the fields in error, not the messages (a message may
+/// quote a value).
+#[derive(Debug, Serialize)]
+pub struct ConfigReload<'a> {
+    pub result: &'static str,
+    pub trigger: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// `key_management`: a key created, revoked, regenerated, re-validated or removed.
+#[derive(Debug, Serialize)]
+pub struct KeyManagement<'a> {
+    pub action: &'a str,
+    pub client_id: &'a str,
+    pub key_id: &'a str,
+    pub principal: &'a str,
+}
+
+/// `startup`.
+#[derive(Debug, Serialize)]
+pub struct Startup<'a> {
+    pub version: &'static str,
+    pub pid: u32,
+    pub config: &'a str,
+    pub upstream: &'a str,
+    pub admin_account_email: &'a str,
+    pub torn_line_cut_bytes: Option<u64>,
+    pub replica: &'a str,
+}
+
+/// `shutdown`.
+#[derive(Debug, Serialize)]
+pub struct Shutdown<'a> {
+    pub pid: u32,
+    pub replica: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_strings_are_cut_and_the_cut_is_recorded() {
+        let long = "é".repeat(1000);
+        let mut truncated = Truncated::default();
+        let ua = truncated.note("user_agent", Some(Clip::new(&long, MAX_USER_AGENT)));
+        let record = AuthFailure {
+            request_id: "r",
+            client_id: None,
+            reason: "missing",
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            method: Clip::new("GET", MAX_METHOD),
+            path: Clip::new("/x\u{2028}y\u{2029}", MAX_PATH),
+            user_agent: ua,
+            truncated,
+        };
+        let e = encode("auth_failure", &record);
+        let text = String::from_utf8(e.fields.clone()).unwrap();
+        assert!(
+            !text.contains('\u{2028}') && !text.contains('\u{2029}'),
+            "{text}"
+        );
+        assert!(text.contains("\\u2028y\\u2029"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{text}}}")).unwrap();
+        assert_eq!(v["path"], "/x\u{2028}y\u{2029}");
+        assert_eq!(v["user_agent"].as_str().unwrap().len(), 256);
+        assert_eq!(v["truncated"]["user_agent"], 2000);
+        assert!(e.fields.len() < 1024, "{}", e.fields.len());
+    }
+
+    #[test]
+    fn uncut_records_have_no_truncated_member() {
+        let record = AuthFailure {
+            request_id: "r",
+            client_id: Some(Clip::new("scanner_x", MAX_CLIENT_ID)),
+            reason: "wrong_secret",
+            remote_addr: "[::1]:2".parse().unwrap(),
+            method: Clip::new("GET", MAX_METHOD),
+            path: Clip::new("/wiki", MAX_PATH),
+            user_agent: None,
+            truncated: Truncated::default(),
+        };
+        let text = String::from_utf8(encode("auth_failure", &record).fields).unwrap();
+        assert!(!text.contains("truncated"), "{text}");
+        assert!(text.starts_with("\"request_id\":\"r\""), "{text}");
+    }
+}

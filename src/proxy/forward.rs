@@ -1,0 +1,123 @@
+//! Phase 6 and the cleaning half of phase 7: the request as Confluence gets it
+//! (headers, URI, body), and the response as the client gets it.
+
+use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::rewrite::Rewritten;
+use super::{Exchange, Policy, Proxy, ProxyConn};
+use crate::body::{self, Body, Guarded, Trailers};
+use crate::error::ProxyError;
+use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
+use crate::route::{CanonicalPath, PathError};
+
+/// Sends the request upstream: the client's credentials, trailers and any
+/// smuggled bypass go; the admin credential and keygate's headers come.
+pub(super) async fn send(
+    proxy: &Proxy,
+    request: Request<Incoming>,
+    path: &CanonicalPath,
+    policy: &Policy,
+    conn: &ProxyConn,
+    ex: &Exchange,
+) -> Result<Response<Incoming>, ProxyError> {
+    let (mut parts, incoming) = request.into_parts();
+    headers::strip_request(&mut parts.headers);
+    headers::add_upstream(
+        &mut parts.headers,
+        &UpstreamHeaders {
+            authorization: &policy.admin_authorization,
+            host: proxy.upstream.host(),
+            bypass: ex.admin_key,
+            request_id: &ex.request_id,
+            forwarded: &conn.forwarded,
+        },
+    );
+    if policy.rewrite_json {
+        // Compressed JSON cannot be rewritten as it streams; ask for it plain.
+        parts
+            .headers
+            .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    parts.uri = proxy
+        .upstream
+        .uri(path.as_str(), parts.uri.query())
+        .map_err(|_| ProxyError::BadPath(PathError::InvalidCharacter))?;
+    parts.version = Version::HTTP_11;
+    let metrics = std::sync::Arc::clone(&proxy.metrics);
+    let body = Guarded::new(incoming, Trailers::Drop)
+        .counting(std::sync::Arc::clone(&ex.bytes_in))
+        .idle_timeout(policy.body_idle_timeout)
+        .on_end(move |_, how| {
+            if how == body::End::Stalled {
+                metrics.body_idle_timeouts.inc();
+            }
+        });
+    let upstream_request = Request::from_parts(parts, body::boxed(body));
+    let sent = std::time::Instant::now();
+    let response = proxy
+        .upstream
+        .send(upstream_request, policy.request_timeout)
+        .await
+        .inspect_err(|e| {
+            tracing::warn!(request_id = %ex.request_id(), error = %e, "upstream request failed");
+        })?;
+    proxy
+        .metrics
+        .upstream_duration
+        .observe(sent.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+/// The response as the client gets it: no cookies, no hop-by-hop headers, the
+/// site's URLs pointing at keygate, trailers cleaned, a stalled body cut.
+pub(super) fn clean_response(
+    proxy: &Proxy,
+    response: Response<Incoming>,
+    policy: &Policy,
+    origin: &str,
+    ex: &Exchange,
+) -> Response<Body> {
+    let (mut parts, incoming) = response.into_parts();
+    headers::strip_response(&mut parts.headers);
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), ex.request_id.clone());
+    proxy.site.rewrite_headers(&mut parts.headers, origin);
+    let metrics = std::sync::Arc::clone(&proxy.metrics);
+    let guarded = Guarded::new(incoming, Trailers::Clean)
+        .idle_timeout(policy.body_idle_timeout)
+        .on_end(move |_, how| {
+            if how == body::End::Stalled {
+                metrics.body_idle_timeouts.inc();
+            }
+        });
+    let rewrite = policy.rewrite_json
+        && ex.method != Method::HEAD
+        && is_plain_json(&parts.headers)
+        && !matches!(parts.status.as_u16(), 204 | 304);
+    let body = if rewrite {
+        // The length changes with the rewrite: the body goes chunked.
+        parts.headers.remove(CONTENT_LENGTH);
+        body::boxed(Rewritten::new(
+            body::boxed(guarded),
+            proxy.site.json_rewriter(origin),
+        ))
+    } else {
+        body::boxed(guarded)
+    };
+    Response::from_parts(parts, body)
+}
+
+/// JSON without a content encoding (a compressed body passes unchanged).
+fn is_plain_json(headers: &http::HeaderMap) -> bool {
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    let encoded = headers
+        .get(CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    json && !encoded
+}

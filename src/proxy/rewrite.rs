@@ -1,0 +1,308 @@
+//! Rewriting the site's origin to keygate's public origin, so that a client that
+//! follows the URLs Confluence hands out stays on keygate (its routes, its audit
+//! trail) instead of going to the site directly — and never presents its keygate
+//! credential there.
+//!
+//! Only URLs on `confluence.base_url`'s origin are rewritten (`Location`,
+//! `Content-Location`, `Link`, and JSON bodies when enabled); other origins, such
+//! as Atlassian's media host for attachment downloads, pass unchanged.
+//!
+//! keygate's public origin is `listen.public_url`, else the scheme of the
+//! connection and the authority the request arrived with (`Host` or `:authority`)
+//! — and only if that is a syntactically valid authority. Without one, header
+//! URLs become origin-relative (`/wiki/...`), which every client resolves against
+//! the URL it asked keygate for.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, CONTENT_LOCATION, HOST, LINK, LOCATION};
+use http::{HeaderMap, Request};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::body::BoxError;
+
+/// The site's origin as Confluence writes it in URLs.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// `https://example.atlassian.net`, lower-case.
+    origin: String,
+    /// The same with the scheme's default port written out.
+    with_port: String,
+}
+
+impl Site {
+    pub fn new(scheme: &str, authority: &str) -> Self {
+        let origin = format!("{scheme}://{authority}").to_ascii_lowercase();
+        let port = if scheme == "https" { 443 } else { 80 };
+        let with_port = if authority.contains(':') {
+            origin.clone()
+        } else {
+            format!("{origin}:{port}")
+        };
+        Site { origin, with_port }
+    }
+
+    /// The length of the site-origin prefix of `url`, if it has one followed by
+    /// the end, a path, a query or a fragment.
+    fn prefix_len(&self, url: &str) -> Option<usize> {
+        [&self.with_port, &self.origin].into_iter().find_map(|o| {
+            let head = url.get(..o.len())?;
+            let next = url.as_bytes().get(o.len());
+            (head.eq_ignore_ascii_case(o) && matches!(next, None | Some(b'/' | b'?' | b'#')))
+                .then_some(o.len())
+        })
+    }
+
+    /// `url` with the site's origin replaced by `public` (empty: origin-relative).
+    pub fn rewrite_url(&self, url: &str, public: &str) -> Option<String> {
+        let n = self.prefix_len(url)?;
+        let rest = &url[n..];
+        let rest = if public.is_empty() && rest.is_empty() {
+            "/"
+        } else {
+            rest
+        };
+        Some(format!("{public}{rest}"))
+    }
+
+    /// Rewrites `Location`, `Content-Location` and every URL in `Link`.
+    pub fn rewrite_headers(&self, headers: &mut HeaderMap, public: &str) {
+        for name in [LOCATION, CONTENT_LOCATION] {
+            let new = headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| self.rewrite_url(v.trim(), public));
+            if let Some(v) = new.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                headers.insert(name, v);
+            }
+        }
+        if !headers.contains_key(LINK) {
+            return;
+        }
+        let links: Vec<HeaderValue> = headers
+            .get_all(LINK)
+            .iter()
+            .map(|v| match v.to_str() {
+                Ok(text) => {
+                    let rewritten = self.rewrite_link(text, public);
+                    HeaderValue::from_str(&rewritten).unwrap_or_else(|_| v.clone())
+                }
+                Err(_) => v.clone(),
+            })
+            .collect();
+        headers.remove(LINK);
+        for v in links {
+            headers.append(LINK, v);
+        }
+    }
+
+    /// Every `<url>` of a `Link` value.
+    fn rewrite_link(&self, text: &str, public: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(open) = rest.find('<') {
+            out.push_str(&rest[..=open]);
+            rest = &rest[open + 1..];
+            let Some(close) = rest.find('>') else { break };
+            let url = &rest[..close];
+            match self.rewrite_url(url, public) {
+                Some(new) => out.push_str(&new),
+                None => out.push_str(url),
+            }
+            rest = &rest[close..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// A streaming rewriter for a JSON body.
+    pub fn json_rewriter(&self, public: &str) -> Replacer {
+        let escaped = |s: &str| s.replace('/', "\\/");
+        let mut patterns = Vec::new();
+        for origin in [&self.with_port, &self.origin] {
+            patterns.push((origin.as_bytes().to_vec(), public.as_bytes().to_vec()));
+            patterns.push((escaped(origin).into_bytes(), escaped(public).into_bytes()));
+        }
+        Replacer::new(patterns)
+    }
+}
+
+/// The public origin for a request: `configured` (from `listen.public_url`), else
+/// the connection's scheme and the request's authority if it is valid; empty
+/// when there is none (URLs become origin-relative).
+pub(super) fn public_origin<B>(
+    configured: Option<&str>,
+    request: &Request<B>,
+    scheme: &str,
+) -> String {
+    if let Some(c) = configured {
+        return c.to_owned();
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    match authority {
+        Some(a) if valid_authority(&a) => format!("{scheme}://{a}"),
+        _ => String::new(),
+    }
+}
+
+/// `host[:port]` that parses as a URI authority, without user info.
+fn valid_authority(text: &str) -> bool {
+    !text.is_empty()
+        && !text.contains(['@', '/', '\\', ' ', '"', '<', '>'])
+        && text.parse::<http::uri::Authority>().is_ok()
+}
+
+/// Replaces byte patterns in a stream, holding back only what could be the
+/// start of a pattern across a chunk boundary; never the whole body.
+#[derive(Debug)]
+pub struct Replacer {
+    /// (pattern, replacement), longest first for each origin spelling.
+    patterns: Vec<(Vec<u8>, Vec<u8>)>,
+    carry: Vec<u8>,
+}
+
+impl Replacer {
+    fn new(patterns: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        Replacer {
+            patterns,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Rewrites `input`, keeping back a possible partial match unless `last`.
+    pub fn push(&mut self, input: &[u8], last: bool) -> Bytes {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(input);
+        let mut out = BytesMut::with_capacity(buf.len() + 64);
+        let mut i = 0;
+        'scan: while i < buf.len() {
+            let Some(off) = memchr::memchr(b'h', &buf[i..]) else {
+                out.extend_from_slice(&buf[i..]);
+                break;
+            };
+            out.extend_from_slice(&buf[i..i + off]);
+            i += off;
+            let rest = &buf[i..];
+            for (pattern, replacement) in &self.patterns {
+                if rest.starts_with(pattern) {
+                    match rest.get(pattern.len()) {
+                        // A longer host (`site.atlassian.net.evil`) or a port is
+                        // another origin.
+                        Some(b'/' | b'"' | b'?' | b'#' | b'\\') => {
+                            out.extend_from_slice(replacement);
+                            i += pattern.len();
+                            continue 'scan;
+                        }
+                        None if !last => {
+                            self.carry = rest.to_vec();
+                            break 'scan;
+                        }
+                        _ => {}
+                    }
+                } else if !last && rest.len() < pattern.len() && pattern.starts_with(rest) {
+                    self.carry = rest.to_vec();
+                    break 'scan;
+                }
+            }
+            out.extend_from_slice(b"h");
+            i += 1;
+        }
+        out.freeze()
+    }
+}
+
+/// A body with the site's origin rewritten in its data.
+pub(super) struct Rewritten<B> {
+    inner: B,
+    replacer: Replacer,
+    /// Trailers held while the data held back is flushed.
+    pending: Option<Frame<Bytes>>,
+    done: bool,
+}
+
+impl<B> Rewritten<B> {
+    pub(super) fn new(inner: B, replacer: Replacer) -> Self {
+        Rewritten {
+            inner,
+            replacer,
+            pending: None,
+            done: false,
+        }
+    }
+}
+
+impl<B> HttpBody for Rewritten<B>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(frame) = this.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.replacer.push(&data, false);
+                        if out.is_empty() {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                    Err(other) => {
+                        // Trailers end the data: flush what was held back first.
+                        let rest = this.replacer.push(&[], true);
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Ok(other)));
+                        }
+                        this.pending = Some(other);
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let rest = this.replacer.push(&[], true);
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;
