@@ -136,7 +136,8 @@ async fn readyz_says_why_when_the_admin_credential_is_refused() {
 
 /// Runs `keygate check --probe` against a stand-in, returning exit code and output.
 async fn probe(standin: &Standin, token: &str) -> (i32, String) {
-    let dir = support::temp_dir("probe");
+    let tmp = support::temp_dir("probe");
+    let dir = tmp.path();
     std::fs::write(dir.join("keys.yaml"), "keys: []\n").unwrap();
     let config = format!(
         "listen:\n  address: 127.0.0.1:0\nconfluence:\n  base_url: {}\n  allow_http: true\n  email: {}\n  api_token: {token}\nroutes:\n  - name: r\n    methods: [GET]\n    path: /wiki/**\n    roles: [\"*\"]\n",
@@ -146,19 +147,15 @@ async fn probe(standin: &Standin, token: &str) -> (i32, String) {
     let file = dir.join("keygate.yaml");
     std::fs::write(&file, config).unwrap();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(["check", "--probe", "--config", file.to_str().unwrap()])
-            .output()
-            .unwrap()
+        support::process::cli(
+            &["check", "--probe", "--config", file.to_str().unwrap()],
+            None,
+            &[],
+        )
     })
     .await
     .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    (out.code, format!("{}{}", out.stdout, out.stderr))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

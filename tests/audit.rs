@@ -73,7 +73,7 @@ async fn every_event_kind_carries_its_fields() {
     std::fs::write(&config, &good).unwrap();
     let path = h.dir.join("audit.jsonl");
     let standin = std::sync::Arc::clone(&h.standin.state);
-    h.stop().await;
+    let _dir = h.stop().await;
 
     let all = records(&path);
     let by_event = |e: &str| all.iter().filter(|r| r["event"] == e).collect::<Vec<_>>();
@@ -215,7 +215,9 @@ fn h_client(all: &[Value], name: &str) -> Value {
 
 #[tokio::test]
 async fn bypass_fails_closed_while_the_trail_cannot_be_written_and_recovers_by_itself() {
-    let trail = support::temp_dir("trail");
+    let tmp = support::temp_dir("trail");
+    let trail = tmp.path().join("trail");
+    std::fs::create_dir_all(&trail).unwrap();
     let h = Harness::start_with(Setup {
         audit: format!("audit:\n  path: {}/audit.jsonl\n", trail.display()),
         ..Default::default()
@@ -333,7 +335,7 @@ async fn no_secret_authorization_or_cookie_reaches_the_trail() {
         ("client cookie", "client-cookie-value".into()),
         ("Confluence session cookie", "standin-admin-session".into()),
     ]);
-    h.stop().await;
+    let _dir = h.stop().await;
     let trail = std::fs::read_to_string(&path).unwrap();
     assert!(trail.lines().count() >= 5);
     for (what, secret) in &secrets {

@@ -2,23 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::path::Path;
-use std::process::Command;
+
+const SECRETS: &[(&str, &str)] = &[
+    ("KEYGATE_ADMIN_TOKEN", "an-admin-token-of-enough-length"),
+    ("CONFLUENCE_API_TOKEN", "confluence-token"),
+];
 
 fn keygate(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .env("KEYGATE_ADMIN_TOKEN", "an-admin-token-of-enough-length")
-        .env("CONFLUENCE_API_TOKEN", "confluence-token")
-        .env_remove("KEYGATE_CONFIG")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = support::process::cli(args, None, SECRETS);
+    (out.code, out.stdout, out.stderr)
 }
 
 fn example() -> String {
@@ -46,8 +41,8 @@ fn check_accepts_the_example_config_and_prints_a_summary() {
 
 #[test]
 fn check_names_the_broken_field_and_exits_1() {
-    let dir = std::env::temp_dir().join(format!("keygate-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = support::temp_dir("cli");
+    let dir = tmp.path();
     let text = std::fs::read_to_string(example())
         .unwrap()
         .replace("methods: [GET, HEAD]", "methods: [GET, HEDA]")

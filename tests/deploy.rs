@@ -37,7 +37,8 @@ fn kubernetes_manifests_hold_every_object_and_a_valid_multi_replica_config() {
     // The ConfigMap's config, with the mounted files stood in for, is valid.
     let config_map = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
     let yaml = config_map["data"]["keygate.yaml"].as_str().unwrap();
-    let dir = support::temp_dir("deploy");
+    let tmp = support::temp_dir("deploy");
+    let dir = tmp.path();
     let (cert, key) = {
         let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         std::fs::write(dir.join("tls.crt"), c.cert.pem()).unwrap();

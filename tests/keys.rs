@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use bytes::Bytes;
 use support::client::{get, send};
@@ -17,33 +17,10 @@ const ADMIN_TOKEN: &str = "ops-admin-token-for-tests";
 /// Runs the binary with the harness's config; returns (exit code, stdout, stderr).
 fn keygate(h: &Harness, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     let config = h.dir.join("keygate.yaml");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    cmd.args(args)
-        .arg("--config")
-        .arg(&config)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if let Some(input) = stdin {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = args.to_vec();
+    all.extend(["--config", config.to_str().unwrap()]);
+    let out = support::process::cli(&all, stdin, &[]);
+    (out.code, out.stdout, out.stderr)
 }
 
 fn field(out: &str, name: &str) -> String {

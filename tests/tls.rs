@@ -15,6 +15,7 @@ use keygate::dev::confluence_standin::{Standin, StandinState};
 use support::{DemoKeyExt as _, Harness, Setup};
 
 struct Pki {
+    _dir: tempfile::TempDir,
     ca_pem: PathBuf,
     cert_pem: PathBuf,
     key_pem: PathBuf,
@@ -23,7 +24,8 @@ struct Pki {
 
 fn make_pki() -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let dir = support::temp_dir("pki");
+    let tmp = support::temp_dir("pki");
+    let dir = tmp.path().to_path_buf();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -35,6 +37,7 @@ fn make_pki() -> Pki {
         .signed_by(&leaf_key, &issuer)
         .unwrap();
     let pki = Pki {
+        _dir: tmp,
         ca_pem: dir.join("ca.pem"),
         cert_pem: dir.join("cert.pem"),
         key_pem: dir.join("key.pem"),

@@ -5,11 +5,11 @@ use super::*;
 use crate::config::{AuditSettings, AuditSink};
 use serde_json::Value;
 
-fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keygate-audit-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("keygate-audit-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn settings(path: &Path, rotate_size: u64, keep: u32) -> AuditSettings {
@@ -58,7 +58,8 @@ fn lines(path: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_fresh_trail_verifies_and_the_chain_continues_across_restarts() {
-    let d = dir("fresh");
+    let tmp = dir("fresh");
+    let d = tmp.path().to_path_buf();
     let path = d.join("audit.jsonl");
     let (audit, thread, recovery, _) = start(settings(&path, 1 << 20, 3));
     assert_eq!(recovery.next_seq, 1);
@@ -78,7 +79,8 @@ async fn a_fresh_trail_verifies_and_the_chain_continues_across_restarts() {
 
 #[tokio::test]
 async fn rotation_keeps_the_chain_and_prunes_beyond_keep() {
-    let d = dir("rotate");
+    let tmp = dir("rotate");
+    let d = tmp.path().to_path_buf();
     let path = d.join("audit.jsonl");
     let (audit, thread, _, _) = start(settings(&path, 4096, 2));
     write_n(&audit, 100).await;
@@ -126,7 +128,8 @@ async fn rotation_keeps_the_chain_and_prunes_beyond_keep() {
 /// Tampering cases: each must fail, naming the file and line.
 #[tokio::test]
 async fn verify_names_the_first_broken_line() {
-    let d = dir("tamper");
+    let tmp = dir("tamper");
+    let d = tmp.path().to_path_buf();
     let path = d.join("audit.jsonl");
     let (audit, thread, _, _) = start(settings(&path, 1 << 20, 1));
     write_n(&audit, 10).await;
@@ -169,7 +172,8 @@ async fn verify_names_the_first_broken_line() {
 
 #[tokio::test]
 async fn a_torn_last_line_is_cut_at_start_and_a_warning_for_verify() {
-    let d = dir("torn");
+    let tmp = dir("torn");
+    let d = tmp.path().to_path_buf();
     let path = d.join("audit.jsonl");
     let (audit, thread, _, _) = start(settings(&path, 1 << 20, 1));
     write_n(&audit, 3).await;
@@ -204,7 +208,8 @@ async fn a_torn_last_line_is_cut_at_start_and_a_warning_for_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_durable_records_share_fsyncs() {
-    let d = dir("group");
+    let tmp = dir("group");
+    let d = tmp.path().to_path_buf();
     let path = d.join("audit.jsonl");
     let (audit, thread, _, metrics) = start(settings(&path, 1 << 30, 1));
     let mut tasks = tokio::task::JoinSet::new();
@@ -230,7 +235,8 @@ async fn concurrent_durable_records_share_fsyncs() {
 
 #[tokio::test]
 async fn client_strings_are_escaped_never_spliced() {
-    let d = dir("escape");
+    let tmp = dir("escape");
+    let d = tmp.path().to_path_buf();
     let path = d.join("audit.jsonl");
     let (audit, thread, _, _) = start(settings(&path, 1 << 20, 1));
     let nasty = "ua\",\"admin_key\":true,\"x\":\"\n{\"seq\":1}";

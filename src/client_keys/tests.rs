@@ -182,8 +182,8 @@ fn user_secret_rule() {
 
 #[test]
 fn keys_file_errors_name_entry_and_field() {
-    let dir = std::env::temp_dir().join(format!("keygate-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("keys.yaml");
     let good_hash = hash_secret("Secret-123").unwrap();
     let cases: &[(&str, &str)] = &[

@@ -48,8 +48,8 @@ mod tests {
 
     #[test]
     fn interpolation_cases() {
-        let dir = std::env::temp_dir().join(format!("keygate-interp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         std::fs::write(dir.join("token"), "s3cret\n").unwrap();
         let env = |name: &str| (name == "KEYGATE_TEST_INTERP").then(|| "from-env".to_owned());
         let cases: &[(&str, Result<&str, ()>)] = &[
@@ -63,12 +63,11 @@ mod tests {
             ("${env:X", Err(())),
         ];
         for (input, expected) in cases {
-            let got = interpolate(input, &dir, &env);
+            let got = interpolate(input, dir, &env);
             match expected {
                 Ok(want) => assert_eq!(got.as_deref(), Ok(*want), "{input}"),
                 Err(()) => assert!(got.is_err(), "{input} gave {got:?}"),
             }
         }
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

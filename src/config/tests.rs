@@ -14,14 +14,16 @@ routes:
     roles: ["*"]
 "#;
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("keygate-config-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("keygate-config-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn load_text(tag: &str, text: &str) -> Result<Config, ConfigErrors> {
-    let dir = temp_dir(tag);
+    let tmp = temp_dir(tag);
+    let dir = tmp.path();
     let file = dir.join("keygate.yaml");
     std::fs::write(&file, text).unwrap();
     let env = |_: &str| None;
@@ -315,7 +317,8 @@ fn all_errors_are_collected_at_once() {
 
 #[test]
 fn interpolation_reads_env_and_files_relative_to_the_config() {
-    let dir = temp_dir("interp");
+    let tmp = temp_dir("interp");
+    let dir = tmp.path();
     std::fs::write(dir.join("token.txt"), "from-file\n").unwrap();
     let env = |name: &str| (name == "KEYGATE_TEST_EMAIL").then(|| "env@example.com".to_owned());
     let text = BASE

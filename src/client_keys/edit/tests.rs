@@ -1,10 +1,10 @@
 use super::*;
 
-fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keygate-edit-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("keygate-edit-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn new_key(name: &str, roles: &[&str]) -> NewKey {
@@ -26,7 +26,8 @@ fn hand_written(d: &Path) -> PathBuf {
 
 #[test]
 fn create_makes_the_file_and_appends_and_keeps_other_entries_byte_for_byte() {
-    let d = dir("create");
+    let tmp = dir("create");
+    let d = tmp.path().to_path_buf();
     let path = d.join("keys.yaml");
     let first = create(&path, new_key("scanner", &["compliance-scanner"])).unwrap();
     let secret = first.generated_secret.clone().unwrap();
@@ -57,7 +58,8 @@ fn create_makes_the_file_and_appends_and_keeps_other_entries_byte_for_byte() {
 
 #[test]
 fn edits_touch_only_their_entry_in_a_hand_written_file() {
-    let d = dir("hand");
+    let tmp = dir("hand");
+    let d = tmp.path().to_path_buf();
     let path = hand_written(&d);
     let before = std::fs::read_to_string(&path).unwrap();
     revoke(
@@ -110,7 +112,8 @@ fn edits_touch_only_their_entry_in_a_hand_written_file() {
 
 #[test]
 fn regenerate_keeps_the_client_id_and_revalidates() {
-    let d = dir("regen");
+    let tmp = dir("regen");
+    let d = tmp.path().to_path_buf();
     let path = d.join("keys.yaml");
     let issued = create(&path, new_key("svc", &["r"])).unwrap();
     let old = issued.generated_secret.unwrap();
@@ -132,7 +135,8 @@ fn regenerate_keeps_the_client_id_and_revalidates() {
 
 #[test]
 fn refusals_write_nothing() {
-    let d = dir("refuse");
+    let tmp = dir("refuse");
+    let d = tmp.path().to_path_buf();
     let path = d.join("keys.yaml");
     std::fs::write(&path, "keys: []\n").unwrap();
     let cases: Vec<(NewKey, &str)> = vec![
@@ -185,7 +189,8 @@ fn refusals_write_nothing() {
 
 #[test]
 fn a_read_only_keys_file_is_reported_as_such() {
-    let d = dir("ro");
+    let tmp = dir("ro");
+    let d = tmp.path().to_path_buf();
     let path = d.join("keys.yaml");
     create(&path, new_key("a", &[])).unwrap();
     let mounted = std::process::Command::new("mount")
