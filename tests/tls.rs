@@ -5,75 +5,12 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keygate::dev::confluence_standin::{Standin, StandinState};
+use support::pki::{client_tls, make_pki, tls_standin, Pki};
 use support::{DemoKeyExt as _, Harness, Setup};
-
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca_pem: PathBuf,
-    cert_pem: PathBuf,
-    key_pem: PathBuf,
-    ca_der: rustls::pki_types::CertificateDer<'static>,
-}
-
-fn make_pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let tmp = support::temp_dir("pki");
-    let dir = tmp.path().to_path_buf();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let pki = Pki {
-        _dir: tmp,
-        ca_pem: dir.join("ca.pem"),
-        cert_pem: dir.join("cert.pem"),
-        key_pem: dir.join("key.pem"),
-        ca_der: ca_cert.der().clone(),
-    };
-    std::fs::write(&pki.ca_pem, ca_cert.pem()).unwrap();
-    std::fs::write(&pki.cert_pem, leaf.pem()).unwrap();
-    std::fs::write(&pki.key_pem, leaf_key.serialize_pem()).unwrap();
-    pki
-}
-
-/// The stand-in serving TLS with the test PKI's leaf certificate.
-async fn tls_standin(pki: &Pki) -> Standin {
-    let config = keygate::tls::server_config(&pki.cert_pem, &pki.key_pem).unwrap();
-    let state = Arc::new(StandinState::new(
-        support::ADMIN_EMAIL,
-        support::ADMIN_TOKEN,
-    ));
-    Standin::start_tls(state, tokio_rustls::TlsAcceptor::from(config))
-        .await
-        .unwrap()
-}
-
-fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
 
 #[tokio::test]
 async fn tls_listener_negotiates_h2_by_alpn_and_upstream_tls_uses_the_extra_ca() {

@@ -7,24 +7,25 @@
 //! `Atl-Confluence-With-Admin-Key: true` while the admin key is active — as the real
 //! site hides restricted content from everyone else.
 
+mod bodies;
+mod cloud;
+mod routes;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, DATE, SET_COOKIE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body::Frame;
-use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::body::{full, Body, BoxError};
+use crate::body::{full, Body};
+pub use bodies::pattern_byte;
+use routes::{not_found, Page};
 
 /// One request as the stand-in received it.
 #[derive(Debug, Clone)]
@@ -49,40 +50,6 @@ impl Recorded {
             .collect()
     }
 }
-
-struct Page {
-    id: u64,
-    space: &'static str,
-    title: &'static str,
-    restricted: bool,
-}
-
-const PAGES: &[Page] = &[
-    Page {
-        id: 1001,
-        space: "ENG",
-        title: "Welcome to Engineering",
-        restricted: false,
-    },
-    Page {
-        id: 1002,
-        space: "ENG",
-        title: "Architecture overview",
-        restricted: false,
-    },
-    Page {
-        id: 1003,
-        space: "ENG",
-        title: "Incident review (restricted)",
-        restricted: true,
-    },
-    Page {
-        id: 2001,
-        space: "HR",
-        title: "Salary bands 2026 (restricted)",
-        restricted: true,
-    },
-];
 
 /// An injected failure of the admin-key endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +112,11 @@ pub struct StandinState {
     /// (pausable) time, so tests can run hours in milliseconds.
     base_wall: SystemTime,
     base_instant: tokio::time::Instant,
+    /// `scheme://host:port` the stand-in serves on: the site's origin in the
+    /// absolute URLs it hands out, as Confluence Cloud does.
+    origin: Mutex<String>,
+    /// Trailers of every request body the stand-in read.
+    trailers: Mutex<Vec<HeaderMap>>,
 }
 
 impl StandinState {
@@ -161,7 +133,32 @@ impl StandinState {
             skew_secs: std::sync::atomic::AtomicI64::new(0),
             base_wall: SystemTime::now(),
             base_instant: tokio::time::Instant::now(),
+            origin: Mutex::new(String::new()),
+            trailers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The site's origin, as absolute URLs in answers carry it.
+    pub fn origin(&self) -> String {
+        self.origin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Trailers of the request bodies read so far.
+    pub fn trailers(&self) -> Vec<HeaderMap> {
+        self.trailers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn record_trailers(&self, trailers: HeaderMap) {
+        self.trailers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(trailers);
     }
 
     /// The stand-in's own clock, which stamps `Date` and judges expiry.
@@ -372,21 +369,6 @@ impl StandinState {
     }
 }
 
-fn not_found() -> String {
-    serde_json::json!({"errors": [{"status": 404, "code": "NOT_FOUND", "title": "Not Found"}]})
-        .to_string()
-}
-
-fn page_json(page: &Page) -> serde_json::Value {
-    serde_json::json!({
-        "id": page.id.to_string(),
-        "status": "current",
-        "title": page.title,
-        "spaceId": page.space,
-        "body": {"storage": {"value": format!("<p>{}</p>", page.title), "representation": "storage"}},
-    })
-}
-
 /// A running stand-in.
 pub struct Standin {
     pub addr: SocketAddr,
@@ -420,6 +402,7 @@ impl Standin {
         let addr = listener.local_addr()?;
         let served = Arc::clone(&state);
         let scheme = if tls.is_some() { "https" } else { "http" };
+        *state.origin.lock().unwrap_or_else(|p| p.into_inner()) = format!("{scheme}://{addr}");
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -466,7 +449,7 @@ impl Standin {
 async fn handle(state: &StandinState, request: Request<Incoming>) -> Response<Body> {
     state.record(&request);
     let mut response = if state.authorised(request.headers()) {
-        route(state, request).await
+        routes::route(state, request).await
     } else {
         json(
             StatusCode::UNAUTHORIZED,
@@ -490,7 +473,7 @@ async fn handle(state: &StandinState, request: Request<Incoming>) -> Response<Bo
     response
 }
 
-fn json(status: StatusCode, body: String) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response
@@ -499,181 +482,3 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
     response
 }
 
-async fn route(state: &StandinState, request: Request<Incoming>) -> Response<Body> {
-    let path = request.uri().path().to_owned();
-    let query = request.uri().query().unwrap_or("").to_owned();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let method = request.method().clone();
-    match (method.clone(), segments.as_slice()) {
-        (_, ["wiki", "api", "v2", "admin-key"]) => {
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let (status, retry_after, text) = state.admin_key_call(&method, &body).await;
-            let mut r = if status == StatusCode::NO_CONTENT {
-                let mut r = Response::new(crate::body::empty());
-                *r.status_mut() = status;
-                r
-            } else {
-                json(status, text)
-            };
-            if let Some(secs) = retry_after {
-                r.headers_mut()
-                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-            r
-        }
-        (Method::GET, ["wiki", "api", "v2", "spaces"]) => json(
-            StatusCode::OK,
-            serde_json::json!({"results": [
-                {"id": "ENG", "key": "ENG", "name": "Engineering"},
-                {"id": "HR", "key": "HR", "name": "People (restricted pages)"},
-            ]})
-            .to_string(),
-        ),
-        (Method::GET, ["wiki", "api", "v2", "pages"]) => {
-            let results: Vec<_> = PAGES
-                .iter()
-                .filter(|p| state.visible(p, request.headers()))
-                .map(page_json)
-                .collect();
-            json(
-                StatusCode::OK,
-                serde_json::json!({"results": results}).to_string(),
-            )
-        }
-        (Method::GET | Method::HEAD, ["wiki", "api", "v2", "pages", id, rest @ ..]) => {
-            match PAGES.iter().find(|p| p.id.to_string() == *id) {
-                Some(page) if state.visible(page, request.headers()) => match rest {
-                    [] => json(StatusCode::OK, page_json(page).to_string()),
-                    ["labels"] => {
-                        json(StatusCode::OK, r#"{"results":[{"name":"standin"}]}"#.into())
-                    }
-                    _ => json(StatusCode::NOT_FOUND, not_found()),
-                },
-                _ => json(StatusCode::NOT_FOUND, not_found()),
-            }
-        }
-        (
-            Method::POST | Method::PUT,
-            ["wiki", "rest", "api", "content", _, "child", "attachment"],
-        ) => upload(request.into_body()).await,
-        (Method::GET, ["wiki", "download", "attachments", _, _]) => {
-            let size = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("size="))
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(1024);
-            let mut r = Response::new(crate::body::boxed(PatternBody {
-                remaining: size,
-                offset: 0,
-            }));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            r
-        }
-        (Method::GET, ["wiki", "slow"]) => {
-            let ms = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("ms="))
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(1000);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            json(StatusCode::OK, r#"{"slow":true}"#.into())
-        }
-        (_, ["wiki", "version"]) => json(
-            StatusCode::OK,
-            serde_json::json!({"version": format!("{:?}", request.version())}).to_string(),
-        ),
-        (Method::GET, ["wiki", "rate-limited"]) => {
-            let after = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("after="))
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(30);
-            let mut r = json(
-                StatusCode::TOO_MANY_REQUESTS,
-                r#"{"message":"Rate limit exceeded"}"#.into(),
-            );
-            r.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from(after));
-            r
-        }
-        (Method::GET, ["wiki", "redirect"]) => {
-            let mut r = json(StatusCode::FOUND, "{}".into());
-            r.headers_mut().insert(
-                http::header::LOCATION,
-                HeaderValue::from_static("/wiki/api/v2/spaces"),
-            );
-            r
-        }
-        _ => json(StatusCode::NOT_FOUND, not_found()),
-    }
-}
-
-/// Consumes an upload frame by frame and reports its size and SHA-256.
-async fn upload(mut body: Incoming) -> Response<Body> {
-    let mut size: u64 = 0;
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Some(data) = frame.data_ref() {
-                    size += data.len() as u64;
-                    hash.update(data);
-                }
-            }
-            Err(_) => {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    r#"{"message":"body error"}"#.into(),
-                )
-            }
-        }
-    }
-    let digest = crate::audit::chain::hex(hash.finish().as_ref());
-    json(
-        StatusCode::OK,
-        serde_json::json!({"size": size, "sha256": digest}).to_string(),
-    )
-}
-
-/// The download pattern: byte `i` of the file is `i % 251`.
-pub fn pattern_byte(i: u64) -> u8 {
-    (i % 251) as u8
-}
-
-/// A body that streams a pattern in 64 KiB chunks without holding it whole.
-struct PatternBody {
-    remaining: u64,
-    offset: u64,
-}
-
-impl http_body::Body for PatternBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let n = self.remaining.min(64 * 1024);
-        let start = self.offset;
-        let chunk: Vec<u8> = (start..start + n).map(pattern_byte).collect();
-        self.remaining -= n;
-        self.offset += n;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.remaining)
-    }
-}

@@ -86,3 +86,61 @@ pub async fn raw(addr: SocketAddr, head: &str) -> (u16, String) {
         .unwrap_or(0);
     (status, text)
 }
+
+/// Raw HTTP/2 frames, for what no well-behaved client sends.
+pub mod h2raw {
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+
+    /// One frame.
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// An HPACK integer with an `n`-bit prefix and the given first-byte flags.
+    fn integer(out: &mut Vec<u8>, flags: u8, n: u8, mut value: usize) {
+        let max = (1usize << n) - 1;
+        if value < max {
+            out.push(flags | value as u8);
+            return;
+        }
+        out.push(flags | max as u8);
+        value -= max;
+        while value >= 128 {
+            out.push((value % 128 + 128) as u8);
+            value /= 128;
+        }
+        out.push(value as u8);
+    }
+
+    /// A header block of literal fields without indexing, new names, raw bytes
+    /// (no Huffman): anything can be written, valid or not.
+    pub fn block(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in fields {
+            out.push(0x00);
+            integer(&mut out, 0, 7, name.len());
+            out.extend_from_slice(name);
+            integer(&mut out, 0, 7, value.len());
+            out.extend_from_slice(value);
+        }
+        out
+    }
+
+    /// The client's opening: preface and an empty SETTINGS frame.
+    pub fn opening() -> Vec<u8> {
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        out
+    }
+}

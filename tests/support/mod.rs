@@ -12,6 +12,7 @@
 pub mod check;
 pub mod client;
 pub mod load;
+pub mod pki;
 pub mod process;
 
 use std::net::SocketAddr;
