@@ -350,3 +350,114 @@ async fn no_secret_authorization_or_cookie_reaches_the_trail() {
         );
     }
 }
+
+fn events(h: &Harness) -> Vec<Value> {
+    records(&h.dir.join("audit.jsonl"))
+}
+
+#[tokio::test]
+async fn a_client_without_a_key_cannot_make_keygate_write_large_records() {
+    let h = Harness::start().await;
+    let ua = "u".repeat(20_000);
+    let path = format!("/wiki/{}", "p".repeat(3_000));
+    let query = "q=".to_owned() + &"x".repeat(8_000);
+    let reply = get(
+        &h.url(&format!("{path}?{query}")),
+        &[
+            ("User-Agent", &ua),
+            ("Authorization", "Basic d3Jvbmc6d3Jvbmc="),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    let trail_path = h.dir.join("audit.jsonl");
+    let _dir = h.stop().await;
+    let trail = std::fs::read_to_string(trail_path).unwrap();
+    let line = trail
+        .lines()
+        .find(|l| l.contains("\"event\":\"auth_failure\""))
+        .unwrap();
+    assert!(
+        line.len() < 2_500,
+        "an auth_failure record of {} bytes",
+        line.len()
+    );
+    let record: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(record["truncated"]["user_agent"], 20_000);
+    assert_eq!(record["truncated"]["path"], path.len());
+    assert_eq!(record["user_agent"].as_str().unwrap().len(), 256);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_failure_flood_is_summarised_not_written_record_by_record() {
+    let h = Harness::start().await;
+    let url = h.url(PAGE);
+    let started = std::time::Instant::now();
+    let statuses = support::load::concurrently(8, |i| {
+        let url = url.clone();
+        async move {
+            let mut out = Vec::new();
+            for n in 0..40 {
+                let auth = format!("Basic {}", n + i * 100);
+                out.push(get(&url, &[("Authorization", &auth)]).await.status.as_u16());
+            }
+            out
+        }
+    })
+    .await;
+    assert!(statuses.iter().flatten().all(|s| *s == 401));
+    let elapsed = started.elapsed().as_secs_f64();
+    let written = events(&h)
+        .iter()
+        .filter(|r| r["event"] == "auth_failure")
+        .count();
+    assert!(
+        (written as f64) <= 20.0 + 2.0 * elapsed.ceil() + 1.0,
+        "{written} auth_failure records for 320 failures in {elapsed:.1}s"
+    );
+    // The rest is counted into a summary within a few seconds (bounded wait).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let summary = loop {
+        if let Some(s) = events(&h)
+            .into_iter()
+            .find(|r| r["event"] == "auth_failure_summary")
+        {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no summary record");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(summary["remote_addr"], "127.0.0.1");
+    let suppressed = summary["suppressed"].as_u64().unwrap() as usize;
+    assert_eq!(written + suppressed, 320, "every failure is accounted for");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_startup_record_comes_before_any_request_is_served() {
+    let tmp = support::temp_dir("startup");
+    let state = std::sync::Arc::new(keygate::dev::confluence_standin::StandinState::new(
+        support::ADMIN_EMAIL,
+        ADMIN_TOKEN,
+    ));
+    let standin = keygate::dev::confluence_standin::Standin::start_with(state)
+        .await
+        .unwrap();
+    let (file, _, reader) = Setup::default().write(tmp.path(), &standin.base_url());
+    let app = keygate::App::bind(keygate::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}{PAGE}", app.local_addr());
+    // The request is sent (and queued by the kernel) before keygate runs.
+    let auth = reader.basic();
+    let request = tokio::spawn(async move { get(&url, &[("Authorization", &auth)]).await });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    assert_eq!(request.await.unwrap().status, 200);
+    let _ = stop.send(());
+    running.await.unwrap();
+    let all = records(&tmp.path().join("audit.jsonl"));
+    assert_eq!(all[0]["event"], "startup", "{:?}", all[0]);
+}

@@ -88,9 +88,10 @@ async fn client_trailers_never_reach_confluence_over_http1_or_http2_upstream() {
 
     // HTTP/2 from the client (h2c), HTTP/2 upstream (the stand-in offers h2).
     let tcp = TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let request = http::Request::post(h.url(UPLOAD))
         .header("authorization", &auth)
@@ -139,9 +140,10 @@ async fn response_trailers_are_cleaned_like_headers() {
     )
     .await;
     let tcp = TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let request = http::Request::get(h.url("/wiki/trailers"))
         .header("authorization", h.reader.basic())
@@ -150,7 +152,10 @@ async fn response_trailers_are_cleaned_like_headers() {
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let collected = response.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned().expect("trailers arrive over h2");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers arrive over h2");
     assert_eq!(trailers["x-checksum"], "sha256=abc", "other trailers pass");
     assert!(
         trailers.get("set-cookie").is_none(),
@@ -175,7 +180,9 @@ async fn connections_that_send_nothing_cannot_lock_out_a_client() {
     for i in 0..16 {
         let mut s = TcpStream::connect(h.addr).await.unwrap();
         if i % 2 == 1 {
-            s.write_all(b"GET /wiki HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+            s.write_all(b"GET /wiki HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
         }
         silent.push(s);
     }
@@ -256,7 +263,11 @@ async fn a_stalled_response_body_is_cut_and_counted() {
 #[tokio::test]
 async fn an_unsolicited_protocol_switch_from_upstream_becomes_502() {
     let h = Harness::start().await;
-    let reply = get(&h.url("/wiki/switch"), &[("Authorization", &h.reader.basic())]).await;
+    let reply = get(
+        &h.url("/wiki/switch"),
+        &[("Authorization", &h.reader.basic())],
+    )
+    .await;
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert_eq!(reply.json()["error"], "upstream_protocol");
     assert!(reply.headers.get("upgrade").is_none());
@@ -294,9 +305,15 @@ fn attacks(auth: &str) -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "a connection-specific header",
-            one(base(&[(b"connection", b"atl-confluence-with-admin-key")], page)),
+            one(base(
+                &[(b"connection", b"atl-confluence-with-admin-key")],
+                page,
+            )),
         ),
-        ("te other than trailers", one(base(&[(b"te", b"gzip")], page))),
+        (
+            "te other than trailers",
+            one(base(&[(b"te", b"gzip")], page)),
+        ),
         (
             "CR LF in a value",
             one(base(
@@ -313,7 +330,10 @@ fn attacks(auth: &str) -> Vec<(&'static str, Vec<u8>)> {
             "a second :path",
             one(base(&[(b":path", b"/wiki/api/v2/pages/2001")], page)),
         ),
-        ("a dot segment", one(base(&[], b"/wiki/api/v2/pages/../2001"))),
+        (
+            "a dot segment",
+            one(base(&[], b"/wiki/api/v2/pages/../2001")),
+        ),
     ];
     // Rapid reset: open and cancel many streams.
     let mut rapid = h2raw::opening();
@@ -343,9 +363,13 @@ fn attacks(auth: &str) -> Vec<(&'static str, Vec<u8>)> {
     let mut first = true;
     while let Some(chunk) = chunks.next() {
         let last = chunks.peek().is_none();
-        let flags = if last { h2raw::END_HEADERS } else { 0 }
-            | if first { h2raw::END_STREAM } else { 0 };
-        let kind = if first { h2raw::HEADERS } else { h2raw::CONTINUATION };
+        let flags =
+            if last { h2raw::END_HEADERS } else { 0 } | if first { h2raw::END_STREAM } else { 0 };
+        let kind = if first {
+            h2raw::HEADERS
+        } else {
+            h2raw::CONTINUATION
+        };
         big.extend(h2raw::frame(kind, flags, 1, chunk));
         first = false;
     }
@@ -400,7 +424,9 @@ async fn http2_frame_abuse_forwards_nothing_and_keygate_stays_responsive_and_bou
     assert_never_forwarded(&state, "a request for page 2001", |r| {
         r.path().ends_with("/2001")
     });
-    assert_never_forwarded(&state, "a huge header", |r| r.headers.contains_key("x-huge"));
+    assert_never_forwarded(&state, "a huge header", |r| {
+        r.headers.contains_key("x-huge")
+    });
     let _ = scanner;
     let rss_after = process.rss_kib();
     eprintln!("RSS: before {rss_before} KiB, peak {rss_peak} KiB, after {rss_after} KiB");

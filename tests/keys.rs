@@ -374,3 +374,119 @@ async fn key_api_is_absent_without_an_admin_token_and_409_on_a_read_only_file() 
     assert_eq!(reply.json()["error"], "keys_file_read_only");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_creates_and_a_racing_revoke_lose_nothing() {
+    let h = Harness::start_with(Setup {
+        admin_token: Some(ADMIN_TOKEN.into()),
+        ..Default::default()
+    })
+    .await;
+    let api = h.ops_url("/api/api_accesses");
+    let reader_id = {
+        let listed = get(&api, &[("Authorization", &bearer())]).await.json();
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == "reader")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (api2, revoke_url) = (api.clone(), format!("{api}/{reader_id}"));
+    let creates = support::load::concurrently(20, move |i| {
+        let api = api2.clone();
+        async move {
+            let body = format!(r#"{{"data":[{{"name":"tool{i}","roles":["reader"]}}]}}"#);
+            let reply = send(
+                "POST",
+                &api,
+                &[("Authorization", &bearer())],
+                Bytes::from(body),
+            )
+            .await;
+            assert_eq!(reply.status, 201, "{}", reply.text());
+            let item = reply.json()["data"][0].clone();
+            (
+                item["client_id"].as_str().unwrap().to_owned(),
+                item["client_secret"].as_str().unwrap().to_owned(),
+            )
+        }
+    });
+    let revoke = async {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let reply = send(
+            "PUT",
+            &revoke_url,
+            &[("Authorization", &bearer())],
+            Bytes::from_static(br#"{"is_valid": false}"#),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    };
+    let (created, ()) = tokio::join!(creates, revoke);
+    assert_eq!(created.len(), 20);
+    let text = std::fs::read_to_string(h.dir.join("keys.yaml")).unwrap();
+    for (client_id, secret) in &created {
+        assert!(
+            text.contains(client_id.as_str()),
+            "{client_id} acknowledged but not in the file"
+        );
+        // In force at once: no reload, no wait.
+        assert_eq!(
+            status(&h, &basic(client_id, secret)).await,
+            200,
+            "{client_id}"
+        );
+    }
+    assert_eq!(
+        status(&h, &h.reader.basic()).await,
+        401,
+        "the revocation is in force"
+    );
+    let keys = keygate::client_keys::file::read(&h.dir.join("keys.yaml"))
+        .unwrap()
+        .1;
+    assert_eq!(keys.len(), 22);
+    assert!(keys.iter().any(|k| k.name == "reader" && !k.is_valid));
+    // Every change was recorded as the key API's, none as the keys file's.
+    h.control.reload("test").await.unwrap();
+    let trail = std::fs::read_to_string(h.dir.join("audit.jsonl")).unwrap();
+    let principals: Vec<String> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "key_management")
+        .map(|r| r["principal"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(principals.len(), 21, "{principals:?}");
+    assert!(
+        principals.iter().all(|p| p.starts_with("key API")),
+        "{principals:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_batch_creates_nothing() {
+    let h = Harness::start_with(Setup {
+        admin_token: Some(ADMIN_TOKEN.into()),
+        ..Default::default()
+    })
+    .await;
+    let before = std::fs::read_to_string(h.dir.join("keys.yaml")).unwrap();
+    let body = r#"{"data":[{"name":"good","roles":["reader"]},{"name":"bad name","roles":[]}]}"#;
+    let reply = send(
+        "POST",
+        &h.ops_url("/api/api_accesses"),
+        &[("Authorization", &bearer())],
+        Bytes::from(body),
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("bad name"), "{}", reply.text());
+    let after = std::fs::read_to_string(h.dir.join("keys.yaml")).unwrap();
+    assert_eq!(before, after, "nothing of the batch was written");
+    h.stop().await;
+}

@@ -5,7 +5,6 @@
 
 mod support;
 
-
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};

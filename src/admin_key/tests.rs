@@ -398,3 +398,74 @@ async fn keys_shorter_than_refresh_before_are_refreshed_at_half_life_not_per_req
     let posts = standin.key_call_count(&Method::POST);
     assert!((18..=22).contains(&posts), "{posts} POSTs");
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_request_is_handed_a_lease_while_its_key_is_being_disabled() {
+    let (standin, keys, _) = setup(policy(60, 300));
+    let first = keys.ensure().await.unwrap();
+    // The DELETE takes ten seconds to answer.
+    standin.inject(Fault::slow(Duration::from_secs(10)).only(Method::DELETE), 1);
+    let disabling = {
+        let keys = keys.clone();
+        tokio::spawn(async move { keys.disable("test").await })
+    };
+    settle().await;
+    assert_eq!(keys.state(), State::Disabling);
+    // A bypass request now waits for the DELETE and then a new key; it never
+    // gets the key being disabled.
+    let during = {
+        let keys = keys.clone();
+        tokio::spawn(async move { keys.ensure().await })
+    };
+    settle().await;
+    assert!(
+        !during.is_finished(),
+        "a lease was handed out during the DELETE"
+    );
+    disabling.await.unwrap();
+    let lease = during.await.unwrap().unwrap();
+    assert_eq!(standin.key_call_count(&Method::DELETE), 1);
+    assert_eq!(
+        standin.key_call_count(&Method::POST),
+        2,
+        "a new key after the DELETE"
+    );
+    assert!(standin.admin_key_active());
+    let _ = (first, lease);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_but_usable_key_from_get_serves_requests_when_the_post_fails() {
+    let (standin, keys, _) = setup(policy(60, 300));
+    // Another tool enabled a key with two minutes left: less than refresh_before.
+    standin.set_key_lifetime(Some(Duration::from_secs(120)));
+    standin
+        .admin_key_call(&Method::POST, br#"{"durationInMinutes":2}"#)
+        .await;
+    standin.set_key_lifetime(None);
+    standin.inject(Fault::status(503).only(Method::POST), 1);
+    let lease = keys
+        .ensure()
+        .await
+        .expect("the short key is still good to use");
+    let left = lease.expires.duration_since(standin.now()).unwrap();
+    assert!(
+        left <= Duration::from_secs(120) && left > SAFETY_MARGIN,
+        "{left:?}"
+    );
+    assert_eq!(
+        standin.key_call_count(&Method::POST),
+        2,
+        "the one above and the failed one"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_403_to_get_is_reported_as_a_refusal_of_get() {
+    let (standin, keys, readiness) = setup(policy(60, 300));
+    standin.inject(Fault::status(403).only(Method::GET), 1);
+    assert!(keys.ensure().await.is_err());
+    let reasons = readiness.reasons();
+    assert!(reasons[0].contains("403 to GET"), "{reasons:?}");
+    assert!(!reasons[0].contains("POST"), "{reasons:?}");
+}

@@ -449,3 +449,6 @@ fn last_line(file: &mut File, end: u64) -> std::io::Result<Option<String>> {
     file.read_exact(&mut buf)?;
     Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
+
+#[cfg(test)]
+mod tests;

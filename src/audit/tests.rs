@@ -255,3 +255,152 @@ async fn client_strings_are_escaped_never_spliced() {
     assert!(v.get("admin_key").is_none());
     assert!(verify(&[path]).is_ok());
 }
+
+/// A sink that keeps what it is given, or blocks while `hold` is set.
+struct Captured {
+    records: Arc<std::sync::Mutex<Vec<Encoded>>>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl writer::Sink for Captured {
+    fn write(&mut self, _ts: &str, records: &[Encoded], _durable: bool) -> Result<(), AuditError> {
+        while self.hold.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.records.lock().unwrap().extend(records.iter().cloned());
+        Ok(())
+    }
+    fn tick(&mut self, _closing: bool) {}
+}
+
+fn captured(
+    write_timeout: std::time::Duration,
+    queue: usize,
+) -> (
+    Audit,
+    Arc<Shared>,
+    tokio::sync::mpsc::Receiver<writer::Job>,
+    Arc<Metrics>,
+) {
+    let metrics = Arc::new(Metrics::default());
+    let mut s = settings(Path::new("/nonexistent/audit.jsonl"), 1 << 20, 1);
+    s.write_timeout = write_timeout;
+    let shared = Shared::new(s, Arc::default(), Arc::clone(&metrics));
+    let (tx, rx) = tokio::sync::mpsc::channel(queue);
+    (
+        Audit::with_writer(Arc::clone(&shared), tx),
+        shared,
+        rx,
+        metrics,
+    )
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_best_effort_records_and_the_trail_says_how_many() {
+    let (audit, shared, rx, metrics) = captured(std::time::Duration::from_secs(5), 2);
+    for i in 0..5 {
+        audit.record(fields(i));
+    }
+    assert_eq!(
+        metrics.audit_dropped.get(),
+        3,
+        "no task, no memory: dropped and counted"
+    );
+    let records = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Captured {
+        records: Arc::clone(&records),
+        hold: Arc::default(),
+    };
+    let handle = writer::start_with(Box::new(sink), shared, rx).unwrap();
+    audit.close().await;
+    handle.join().await;
+    let got = records.lock().unwrap().clone();
+    let events: Vec<&str> = got.iter().map(|r| r.event).collect();
+    assert_eq!(events, ["audit_dropped", "request", "request"]);
+    assert_eq!(String::from_utf8_lossy(&got[0].fields), "\"dropped\":3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_disk_fails_durable_writes_within_the_write_timeout() {
+    let (audit, shared, rx, metrics) = captured(std::time::Duration::from_millis(300), 64);
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sink = Captured {
+        records: Arc::default(),
+        hold: Arc::clone(&hold),
+    };
+    let handle = writer::start_with(Box::new(sink), Arc::clone(&shared), rx).unwrap();
+    let started = std::time::Instant::now();
+    let result = audit.durable(fields(1)).await;
+    assert!(matches!(result, Err(AuditError::Timeout(_))), "{result:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(metrics.audit_errors.get(), 1);
+    assert!(shared.readiness.reasons()[0].contains("longer than"));
+    hold.store(false, std::sync::atomic::Ordering::Relaxed);
+    audit.durable(fields(2)).await.unwrap();
+    assert!(shared.readiness.reasons().is_empty(), "recovers by itself");
+    audit.close().await;
+    handle.join().await;
+}
+
+/// A request record that carried the bypass.
+fn bypass(i: usize) -> Encoded {
+    record::encode(
+        "request",
+        &serde_json::json!({"phase": "start", "request_id": format!("b{i}"), "admin_key": true}),
+    )
+}
+
+#[tokio::test]
+async fn rotation_never_deletes_recent_bypass_records_and_says_so() {
+    let tmp = dir("retain");
+    let path = tmp.path().join("audit.jsonl");
+    let (audit, thread, _, metrics) = start(settings(&path, 4096, 1));
+    for i in 0..60 {
+        audit.durable(bypass(i)).await.unwrap();
+    }
+    let files = std::fs::read_dir(tmp.path()).unwrap().count();
+    assert!(files > 3, "{files} files: nothing was pruned");
+    assert!(metrics.audit_files_retained.get() > 0);
+    // Passthrough-only files beyond keep go as before.
+    stop(audit, thread).await;
+    assert!(verify(std::slice::from_ref(&tmp.path().to_path_buf())).is_ok());
+    assert_eq!(
+        verify(std::slice::from_ref(&tmp.path().to_path_buf()))
+            .unwrap()
+            .first_seq,
+        Some(1),
+        "the whole chain is still there"
+    );
+
+    // With the retention over, the next rotation prunes them.
+    let mut s = settings(&path, 4096, 1);
+    s.bypass_retention = std::time::Duration::ZERO;
+    let (audit, thread, _, metrics) = start(s);
+    for i in 0..20 {
+        audit.durable(fields(i)).await.unwrap();
+    }
+    stop(audit, thread).await;
+    assert_eq!(metrics.audit_files_retained.get(), 0);
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+}
+
+#[tokio::test]
+async fn with_keep_zero_a_crash_after_rotation_keeps_the_chain_head() {
+    let tmp = dir("keep0");
+    let path = tmp.path().join("audit.jsonl");
+    let (audit, thread, _, _) = start(settings(&path, 4096, 0));
+    write_n(&audit, 10).await;
+    stop(audit, thread).await;
+    // A crash right after a rotation's rename, before the new file's first batch.
+    std::fs::rename(&path, file::rotated(&path, 1)).unwrap();
+    let (audit, thread, recovery, _) = start(settings(&path, 4096, 0));
+    assert_eq!(
+        recovery.next_seq, 11,
+        "the head is read from the rotated file"
+    );
+    write_n(&audit, 60).await;
+    stop(audit, thread).await;
+    assert!(!file::rotated(&path, 2).exists());
+    let report = verify(std::slice::from_ref(&path)).unwrap();
+    assert_eq!(report.last_seq, Some(70));
+}

@@ -106,10 +106,19 @@ pub fn start_local(
             (Box::new(sink), recovery)
         }
     };
+    Ok((start_with(sink, shared, rx)?, recovery))
+}
+
+/// Starts the writer thread on `sink`.
+pub fn start_with(
+    sink: Box<dyn Sink>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Job>,
+) -> std::io::Result<Handle> {
     let thread = std::thread::Builder::new()
         .name("keygate-audit".into())
         .spawn(move || run(sink, shared, rx))?;
-    Ok((Handle(thread), recovery))
+    Ok(Handle(thread))
 }
 
 fn now_ts() -> String {

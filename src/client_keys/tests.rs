@@ -241,3 +241,23 @@ async fn fixed_credential_accepts_exactly_one_credential() {
             .is_err());
     }
 }
+
+#[test]
+fn two_client_ids_with_one_suffix_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("keys.yaml");
+    let hash = hash_secret("Secret-123").unwrap();
+    let text = format!(
+        "keys:\n  - id: 1\n    client_id: scanner_abc\n    name: scanner\n    secret_hash: \"{hash}\"\n  - id: 2\n    client_id: reader_abc\n    name: reader\n    secret_hash: \"{hash}\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let errors = file::read(&path).unwrap_err();
+    assert!(
+        errors
+            .0
+            .iter()
+            .any(|e| e.field == "keys[1] (client_id `reader_abc`).client_id"
+                && e.message.contains("suffix")),
+        "{errors}"
+    );
+}

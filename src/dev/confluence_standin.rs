@@ -59,6 +59,8 @@ pub struct Fault {
     pub delay: Duration,
     /// Only calls with this method; any method when `None`.
     pub method: Option<Method>,
+    /// Only slow: after the delay the call has its normal effect and answer.
+    pub slow_only: bool,
 }
 
 impl Fault {
@@ -68,6 +70,16 @@ impl Fault {
             retry_after: None,
             delay: Duration::ZERO,
             method: None,
+            slow_only: false,
+        }
+    }
+
+    /// A call that takes `delay` and then does what it normally does.
+    pub fn slow(delay: Duration) -> Self {
+        Fault {
+            delay,
+            slow_only: true,
+            ..Fault::status(200)
         }
     }
     pub fn retry_after(mut self, secs: u64) -> Self {
@@ -289,7 +301,7 @@ impl StandinState {
             let key = self.admin_key.lock().unwrap_or_else(|p| p.into_inner());
             key.and_then(|exp| exp.duration_since(now).ok())
         };
-        let (status, retry_after, text) = match fault {
+        let (status, retry_after, text) = match fault.filter(|f| !f.slow_only) {
             Some(f) => (
                 f.status,
                 f.retry_after,
@@ -481,4 +493,3 @@ pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
-

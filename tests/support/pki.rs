@@ -44,10 +44,7 @@ pub fn make_pki() -> Pki {
 /// The stand-in serving TLS with the test PKI's leaf certificate.
 pub async fn tls_standin(pki: &Pki) -> Standin {
     let config = keygate::tls::server_config(&pki.cert_pem, &pki.key_pem).unwrap();
-    let state = Arc::new(StandinState::new(
-        super::ADMIN_EMAIL,
-        super::ADMIN_TOKEN,
-    ));
+    let state = Arc::new(StandinState::new(super::ADMIN_EMAIL, super::ADMIN_TOKEN));
     Standin::start_tls(state, tokio_rustls::TlsAcceptor::from(config))
         .await
         .unwrap()
@@ -66,4 +63,3 @@ pub fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
-

@@ -85,14 +85,19 @@ pub(super) fn with_trailers() -> Response<Body> {
         http::HeaderValue::from_static("cloud.session.token=standin-trailer-session"),
     );
     trailers.insert("x-checksum", http::HeaderValue::from_static("sha256=abc"));
-    let frames = vec![Frame::data(Bytes::from_static(b"ok")), Frame::trailers(trailers)];
+    let frames = vec![
+        Frame::data(Bytes::from_static(b"ok")),
+        Frame::trailers(trailers),
+    ];
     let mut r = Response::new(crate::body::boxed(Frames(frames.into_iter())));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain"),
     );
-    r.headers_mut()
-        .insert(http::header::TRAILER, http::HeaderValue::from_static("set-cookie, x-checksum"));
+    r.headers_mut().insert(
+        http::header::TRAILER,
+        http::HeaderValue::from_static("set-cookie, x-checksum"),
+    );
     r
 }
 
@@ -113,7 +118,10 @@ impl http_body::Body for Frames {
 /// `bytes` bytes, then nothing, forever: an upstream that hangs mid-body.
 pub(super) fn stalling(bytes: u64) -> Response<Body> {
     let mut r = Response::new(crate::body::boxed(Stalling {
-        first: Some(Bytes::from(vec![b'x'; usize::try_from(bytes).unwrap_or(16)])),
+        first: Some(Bytes::from(vec![
+            b'x';
+            usize::try_from(bytes).unwrap_or(16)
+        ])),
     }));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -107,7 +107,9 @@ fn encoded(request: &Request<Incoming>, body: String) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("gzip"));
     let mut r = if gzip {
-        let mut r = Response::new(crate::body::full(super::bodies::gzip_stored(body.as_bytes())));
+        let mut r = Response::new(crate::body::full(super::bodies::gzip_stored(
+            body.as_bytes(),
+        )));
         r.headers_mut()
             .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         r

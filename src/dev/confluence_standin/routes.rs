@@ -182,8 +182,10 @@ pub(super) async fn route(state: &StandinState, request: Request<Incoming>) -> R
             *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             r.headers_mut()
                 .insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
-            r.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+            r.headers_mut().insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
             r
         }
         // A tiny link: Confluence Cloud answers with the site's absolute URL.
@@ -209,4 +211,3 @@ pub(super) fn number(query: &str, name: &str) -> Option<u64> {
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
         .and_then(|n| n.parse().ok())
 }
-
