@@ -137,7 +137,7 @@ fn canonical(raw_path: &str) -> Option<String> {
                     j += 3;
                 }
                 b';' | b'\\' | b' ' => return None,
-                c if c < 0x20 || c >= 0x7f => return None,
+                c if !(0x20..0x7f).contains(&c) => return None,
                 c => {
                     seg.push(char::from(c));
                     j += 1;
