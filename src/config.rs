@@ -314,7 +314,12 @@ pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
 pub fn load_with(file: &Path, env: &Env) -> Result<Config, ConfigErrors> {
     let text = read_capped(file, MAX_CONFIG_FILE)
         .map_err(|e| ConfigErrors::single(file, "", format!("cannot read the file: {e}")))?;
-    let raw: RawConfig = from_yaml(&text, file)?;
+    from_text(&text, file, env)
+}
+
+/// Parses and validates a configuration's text as if read from `file`.
+pub fn from_text(text: &str, file: &Path, env: &Env) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = from_yaml(text, file)?;
     validate(raw, file, env)
 }
 

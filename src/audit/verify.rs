@@ -100,7 +100,11 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Broken> {
 
 fn load(path: &Path) -> Result<Loaded, Broken> {
     let bytes = std::fs::read(path).map_err(|e| broken(path, 0, format!("cannot read: {e}")))?;
-    let text = String::from_utf8_lossy(&bytes);
+    Ok(parse(path, &bytes))
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Loaded {
+    let text = String::from_utf8_lossy(bytes);
     let mut lines: Vec<String> = text.split('\n').map(str::to_owned).collect();
     let last = lines.pop().unwrap_or_default();
     let tail = (!last.is_empty()).then_some(last);
@@ -108,19 +112,29 @@ fn load(path: &Path) -> Result<Loaded, Broken> {
         .first()
         .and_then(|l| check_line(l).ok())
         .map(|c| c.seq);
-    Ok(Loaded {
+    Loaded {
         path: path.to_path_buf(),
         lines,
         tail,
         first_seq,
-    })
+    }
 }
 
 pub fn verify(paths: &[PathBuf]) -> Result<Report, Broken> {
-    let mut files: Vec<Loaded> = expand(paths)?
+    let files: Vec<Loaded> = expand(paths)?
         .iter()
         .map(|p| load(p))
         .collect::<Result<_, _>>()?;
+    verify_loaded(files)
+}
+
+/// Verifies files given as (name, contents), in any order: what `verify` does
+/// after reading them (for the fuzzer, and for exports checked in memory).
+pub fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Report, Broken> {
+    verify_loaded(files.iter().map(|(p, b)| parse(p, b)).collect())
+}
+
+fn verify_loaded(mut files: Vec<Loaded>) -> Result<Report, Broken> {
     files.retain(|f| !f.lines.is_empty() || f.tail.is_some());
     for f in &files {
         if f.first_seq.is_none() && !f.lines.is_empty() {

@@ -257,6 +257,25 @@ fn yaml_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
+/// Applies an edit to a keys file's text as `keygate keys` would, without files
+/// or hashing (for the fuzzer): revoke the entry at `index`, or (`None`) append
+/// `new`. `Ok` only if the result parses to exactly the intended keys.
+pub fn edit_text(text: &str, index: Option<usize>, new: &KeyEntry) -> Result<String, String> {
+    let path = Path::new("keys.yaml");
+    let before: KeysFile = from_yaml(text, path).map_err(|e| e.to_string())?;
+    let edit = match index {
+        Some(i) if i < before.keys.len() => Edit::Fields(i, vec![("is_valid", "false".into())]),
+        Some(_) => return Err("no such entry".into()),
+        None => Edit::Append(vec![new.clone()]),
+    };
+    let (new_text, expected) = apply(text, &before, edit)?;
+    let after: KeysFile = from_yaml(&new_text, path).map_err(|e| e.to_string())?;
+    if after.keys != expected {
+        return Err("the layout could not be edited safely".into());
+    }
+    Ok(new_text)
+}
+
 enum Edit {
     Append(Vec<KeyEntry>),
     /// Set these fields of the entry at this index.
