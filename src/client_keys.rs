@@ -12,8 +12,9 @@
 //!   idleness), so a busy client never waits for a re-hash; concurrent first uses
 //!   of one credential share a single verification;
 //! - a wrong credential is remembered briefly, so repeating it costs no hash;
-//! - each source address and each client_id may cause only a few failed
-//!   verifications per second; beyond, the answer is 429 without hashing;
+//! - each source address and each client_id may see only a few wrong secrets
+//!   per second; beyond, the answer is 429 without hashing (and the proxy holds
+//!   it a moment, so a flood slows itself down);
 //! - at most a few verifications run at once, with a short queue; beyond, 429.
 //!
 //! Invariants: a failed verification is never cached as success, so a wrong
@@ -231,33 +232,39 @@ impl KeyStore {
                 Err(fail(AuthError::WrongSecret, Some(client_id)))
             };
         }
-        let (key, secret, digest) = match &presented {
-            Presented::Basic { client_id, secret } => {
-                let key = self
-                    .by_client_id
-                    .get(*client_id)
-                    .ok_or_else(|| fail(AuthError::UnknownClient, Some(client_id)))?;
-                (key, *secret, cache_key(b'b', client_id, secret))
-            }
-            Presented::Bearer { secret } => {
-                let key = self
-                    .key_for_bearer(secret)
-                    .ok_or_else(|| fail(AuthError::UnknownClient, None))?;
-                (key, *secret, cache_key(b't', "", secret))
-            }
+        let (claimed, secret, digest) = match &presented {
+            Presented::Basic { client_id, secret } => (
+                Some(*client_id),
+                *secret,
+                cache_key(b'b', client_id, secret),
+            ),
+            Presented::Bearer { secret } => (None, *secret, cache_key(b't', "", secret)),
         };
-        let claimed = Some(key.client_id.as_str());
-        Self::still_valid(key, now).map_err(|e| fail(e, claimed))?;
         // Hits, the common case, take the plain lookup: no init future, no copies.
         if let Some(verified) = self.verified.get(&digest).await {
-            return Ok(verified);
+            return Self::still_valid(&verified, now)
+                .map(|()| verified.clone())
+                .map_err(|e| fail(e, Some(verified.client_id.as_str())));
         }
+        let key = match &presented {
+            Presented::Basic { client_id, .. } => self.by_client_id.get(*client_id),
+            Presented::Bearer { secret } => self.key_for_bearer(secret),
+        };
+        let key = key.ok_or_else(|| fail(AuthError::UnknownClient, claimed))?;
+        let claimed = Some(key.client_id.as_str());
+        Self::still_valid(key, now).map_err(|e| fail(e, claimed))?;
+        // From here on a secret is tried against a key: a source that tried too
+        // many wrong ones gets no further.
+        self.verifier
+            .check_source(source)
+            .map_err(|e| fail(e, claimed))?;
         if self.refused.contains_key(&digest) {
+            self.verifier.failed(source, None);
             return Err(fail(AuthError::WrongSecret, claimed));
         }
         let admission = self
             .verifier
-            .admit(source, &key.client_id)
+            .admit(&key.client_id)
             .map_err(|e| fail(e, claimed))?;
         let verifier = Arc::clone(&self.verifier);
         let candidate = Arc::clone(key);
@@ -277,7 +284,7 @@ impl KeyStore {
             Err(e) => {
                 if *e == AuthError::WrongSecret {
                     self.refused.insert(digest, ());
-                    self.verifier.failed(source, &key.client_id);
+                    self.verifier.failed(source, Some(&key.client_id));
                 }
                 Err(fail((*e).clone(), claimed))
             }

@@ -33,7 +33,7 @@ use crate::admin_key::AdminKeys;
 use crate::audit::record::{self, AuthFailureSummary};
 use crate::audit::Audit;
 use crate::body::Body;
-use crate::client_keys::{ApiKey, KeyStore};
+use crate::client_keys::{ApiKey, AuthError, KeyStore};
 use crate::confluence::Upstream;
 use crate::error::ProxyError;
 use crate::headers::{self, ForwardedFor};
@@ -127,6 +127,8 @@ pub struct Parts {
 }
 
 const READINESS: &str = "admin_key";
+/// How long a throttled authentication waits for its 429 (at least, at most).
+const TARPIT: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
 const CREDENTIAL_REJECTED: &str = "Confluence rejected the admin credential (401): check confluence.email and confluence.api_token; Atlassian API tokens expire within a year";
 
 impl Proxy {
@@ -218,6 +220,16 @@ impl Proxy {
                 ex.claimed = failure.client_id;
                 ex.auth_failure = Some(failure.error.reason());
                 self.record_auth_failure(ex);
+                // A source or client trying too many secrets, or too many at
+                // once, waits for its answer: a flood slows itself down at no CPU
+                // cost.
+                match failure.error {
+                    AuthError::Throttled(_, wait) => {
+                        tokio::time::sleep(wait.clamp(TARPIT.0, TARPIT.1)).await
+                    }
+                    AuthError::Busy => tokio::time::sleep(TARPIT.0).await,
+                    _ => {}
+                }
                 Err(failure.error.into())
             }
         }

@@ -43,9 +43,11 @@ async fn spawn_keygate(tag: &str, audit: &str, stdout: Stdio) -> Running {
         ..Setup::default()
     };
     let (config, scanner, _) = setup.write(dir.path(), &standin.base_url());
-    let process = tokio::task::spawn_blocking(move || Process::spawn(&config, stdout, &[]))
-        .await
-        .unwrap();
+    let process = tokio::task::spawn_blocking(move || {
+        Process::spawn(&config, stdout, &[("RUST_LOG", "debug")])
+    })
+    .await
+    .unwrap();
     Running {
         process,
         dir,

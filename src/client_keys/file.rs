@@ -126,7 +126,15 @@ pub fn validate(file: &KeysFile, path: &Path) -> Result<Vec<ApiKey>, ConfigError
             );
         }
         match argon2::PasswordHash::new(&e.secret_hash) {
-            Ok(h) if h.algorithm.as_str() == "argon2id" => {}
+            Ok(h) if h.algorithm.as_str() == "argon2id" => {
+                let memory = argon2::Params::try_from(&h).map(|p| p.m_cost());
+                if memory.is_ok_and(|m| m > super::verify::MAX_MEMORY_KIB) {
+                    error(
+                        "secret_hash",
+                        format!("expected argon2 memory of at most {} KiB (m=...)", super::verify::MAX_MEMORY_KIB),
+                    );
+                }
+            }
             _ => error(
                 "secret_hash",
                 "expected an argon2id PHC string (`$argon2id$v=19$...`), as `keygate keys create` writes".into(),

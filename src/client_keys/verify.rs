@@ -2,11 +2,13 @@
 //!
 //! An attacker who knows a client_id (client_ids appear in logs) can make every
 //! request cost a full argon2id run. So:
-//! - at most `workers` verifications run at once (half the cores, at least one),
-//!   and at most `QUEUE` wait; beyond, `Busy` (429) without hashing;
-//! - failed verifications are budgeted per source address and per client_id
-//!   (token buckets); a source or client over its budget gets `Throttled` (429)
-//!   without hashing until a token is back.
+//! - verifications run on a fixed set of worker threads (half the cores, at least
+//!   one), each with one argon2 memory buffer it reuses, so memory is bounded by
+//!   the number of workers; at most `QUEUE` wait; beyond, `Busy` (429) without
+//!   hashing;
+//! - wrong secrets are budgeted per source address and per client_id (token
+//!   buckets); a source or client over its budget gets `Throttled` (429) without
+//!   hashing until a token is back.
 //!
 //! A legitimate client whose credential is cached never reaches this code, so a
 //! flood of wrong secrets costs it nothing but the flood's share of the CPU that
@@ -14,11 +16,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use super::{ApiKey, AuthError};
 
@@ -99,11 +101,16 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
 /// Proof that a verification was admitted by the budgets.
 pub struct Admission(());
 
+struct Job {
+    secret: String,
+    phc: String,
+    done: oneshot::Sender<bool>,
+}
+
 /// See the module doc.
 pub struct Verifier {
-    runs: AtomicU64,
-    workers: Arc<Semaphore>,
-    waiting: AtomicUsize,
+    runs: Arc<AtomicU64>,
+    jobs: mpsc::SyncSender<Job>,
     sources: Buckets<IpAddr>,
     clients: Buckets<String>,
 }
@@ -116,11 +123,23 @@ impl Default for Verifier {
 }
 
 impl Verifier {
+    /// Starts `workers` verification threads; they end when the verifier does.
     pub fn with_workers(workers: usize) -> Self {
+        let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        let runs = Arc::new(AtomicU64::new(0));
+        for n in 0..workers {
+            let (queue, runs) = (Arc::clone(&queue), Arc::clone(&runs));
+            let spawned = std::thread::Builder::new()
+                .name(format!("keygate-argon2-{n}"))
+                .spawn(move || work(&queue, &runs));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a verification thread");
+            }
+        }
         Verifier {
-            runs: AtomicU64::new(0),
-            workers: Arc::new(Semaphore::new(workers)),
-            waiting: AtomicUsize::new(0),
+            runs,
+            jobs,
             sources: Buckets::new(SOURCE_BUDGET),
             clients: Buckets::new(CLIENT_BUDGET),
         }
@@ -131,58 +150,112 @@ impl Verifier {
         self.runs.load(Ordering::Relaxed)
     }
 
-    /// Admits a verification unless the source or the client spent its budget
-    /// of failures.
-    pub fn admit(&self, source: IpAddr, client_id: &str) -> Result<Admission, AuthError> {
-        let now = Instant::now();
+    /// Whether `source` may still try secrets: once it spent its budget, a
+    /// secret from it that is not already cached as right is refused unverified.
+    pub fn check_source(&self, source: IpAddr) -> Result<(), AuthError> {
         self.sources
-            .check(&source, now)
-            .map_err(|wait| AuthError::Throttled("source", wait))?;
+            .check(&source, Instant::now())
+            .map_err(|wait| AuthError::Throttled("source", wait))
+    }
+
+    /// Admits a verification unless the client spent its budget of failures.
+    pub fn admit(&self, client_id: &str) -> Result<Admission, AuthError> {
         self.clients
-            .check(&client_id.to_owned(), now)
+            .check(&client_id.to_owned(), Instant::now())
             .map_err(|wait| AuthError::Throttled("client", wait))?;
         Ok(Admission(()))
     }
 
-    /// Records a failed verification against both budgets.
-    pub fn failed(&self, source: IpAddr, client_id: &str) {
+    /// Records a wrong secret: against the source, and against the client when it
+    /// took a verification.
+    pub fn failed(&self, source: IpAddr, client_id: Option<&str>) {
         let now = Instant::now();
         self.sources.spend(&source, now);
-        self.clients.spend(&client_id.to_owned(), now);
+        if let Some(client_id) = client_id {
+            self.clients.spend(&client_id.to_owned(), now);
+        }
     }
 
-    /// Runs one verification on a worker, waiting in the short queue if all are
-    /// busy.
+    /// Runs one verification on a worker; `Busy` when the queue is full.
     pub async fn verify(
         &self,
         _admitted: Admission,
         secret: &str,
         key: &ApiKey,
     ) -> Result<bool, AuthError> {
-        let permit = match Arc::clone(&self.workers).try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUE {
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
-                    return Err(AuthError::Busy);
-                }
-                let permit = Arc::clone(&self.workers).acquire_owned().await;
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
-                permit.map_err(|_| AuthError::Busy)?
-            }
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            secret: secret.to_owned(),
+            phc: key.secret_hash.clone(),
+            done,
         };
-        self.runs.fetch_add(1, Ordering::Relaxed);
-        let secret = secret.to_owned();
-        let hash = key.secret_hash.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            let ok = super::verify_secret(&secret, &hash);
-            drop(permit);
-            ok
-        })
-        .await
-        .unwrap_or(false);
-        Ok(ok)
+        self.jobs.try_send(job).map_err(|_| AuthError::Busy)?;
+        answer.await.map_err(|_| AuthError::Busy)
     }
+}
+
+/// A worker: one memory buffer, reused for every verification.
+fn work(queue: &Mutex<mpsc::Receiver<Job>>, runs: &AtomicU64) {
+    let mut memory: Vec<argon2::Block> = Vec::new();
+    loop {
+        let job = {
+            let queue = queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.recv()
+        };
+        let Ok(job) = job else { return };
+        runs.fetch_add(1, Ordering::Relaxed);
+        let ok = verify_with(&job.secret, &job.phc, &mut memory);
+        let _ = job.done.send(ok);
+    }
+}
+
+/// The most memory one verification may use (a keys file could name more).
+pub(crate) const MAX_MEMORY_KIB: u32 = 256 * 1024;
+
+/// Checks `secret` against an argon2 PHC string in the caller's memory buffer;
+/// the comparison takes the same time wherever the first difference is.
+pub(crate) fn verify_with(secret: &str, phc: &str, memory: &mut Vec<argon2::Block>) -> bool {
+    use argon2::password_hash::PasswordHash;
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(expected), Some(salt)) = (hash.hash, hash.salt) else {
+        return false;
+    };
+    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm) else {
+        return false;
+    };
+    let version = match hash.version.map(argon2::Version::try_from) {
+        None => argon2::Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let Ok(params) = argon2::Params::try_from(&hash) else {
+        return false;
+    };
+    if params.m_cost() > MAX_MEMORY_KIB {
+        return false;
+    }
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let mut out = [0u8; 64];
+    let Some(out) = out.get_mut(..expected.len()) else {
+        return false;
+    };
+    memory.resize(params.block_count(), argon2::Block::default());
+    let hasher = argon2::Argon2::new(algorithm, version, params);
+    if hasher
+        .hash_password_into_with_memory(secret.as_bytes(), salt, out, &mut memory[..])
+        .is_err()
+    {
+        return false;
+    }
+    out.iter()
+        .zip(expected.as_bytes())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 #[cfg(test)]
@@ -204,6 +277,25 @@ mod tests {
         );
         assert!(b.check(&2, t0).is_ok(), "per key");
         assert!(b.check(&1, t0 + Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn verification_in_a_reused_buffer_agrees_with_argon2() {
+        let phc = super::super::hash_secret("Right-Secret-1").unwrap();
+        let mut memory = Vec::new();
+        assert!(verify_with("Right-Secret-1", &phc, &mut memory));
+        assert!(!verify_with("Right-Secret-2", &phc, &mut memory));
+        assert!(!verify_with("", &phc, &mut memory));
+        assert!(
+            verify_with("Right-Secret-1", &phc, &mut memory),
+            "the buffer is reused"
+        );
+        assert!(!verify_with("x", "not a hash", &mut memory));
+        let greedy = phc.replace("m=19456", "m=4194304");
+        assert!(
+            !verify_with("Right-Secret-1", &greedy, &mut memory),
+            "memory is capped"
+        );
     }
 
     #[test]

@@ -79,7 +79,12 @@ impl Process {
             ],
             env,
         )
-        .env("RUST_LOG", "debug")
+        .env(
+            "RUST_LOG",
+            env.iter()
+                .find(|(k, _)| *k == "RUST_LOG")
+                .map_or("info", |(_, v)| *v),
+        )
         .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
