@@ -6,7 +6,7 @@ use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE,
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::routes::{number, page_json, PAGES};
+use super::routes::{number, page_json, Page, PAGES};
 use super::StandinState;
 use crate::body::Body;
 
@@ -97,6 +97,21 @@ pub(super) fn content_listing(
     })
     .to_string();
     encoded(request, body)
+}
+
+/// One page in the v1 shape, with the site's absolute links.
+pub(super) fn content(state: &StandinState, page: &Page) -> Response<Body> {
+    let origin = state.origin();
+    let mut v = page_json(page);
+    let id = v["id"].as_str().unwrap_or("").to_owned();
+    v["type"] = "page".into();
+    v["_links"] = serde_json::json!({
+        "self": format!("{origin}/wiki/rest/api/content/{id}"),
+        "webui": format!("/spaces/ENG/pages/{id}"),
+        "base": format!("{origin}/wiki"),
+        "context": "/wiki",
+    });
+    super::json(StatusCode::OK, v.to_string())
 }
 
 /// JSON, gzip-encoded when the request accepts gzip.

@@ -200,6 +200,14 @@ pub(super) async fn route(state: &StandinState, request: Request<Incoming>) -> R
         (Method::GET, ["wiki", "rest", "api", "content"]) => {
             super::cloud::content_listing(state, &request, &query)
         }
+        (Method::GET, ["wiki", "rest", "api", "content", id]) => {
+            match PAGES.iter().find(|p| p.id.to_string() == *id) {
+                Some(page) if state.visible(page, request.headers()) => {
+                    super::cloud::content(state, page)
+                }
+                _ => json(StatusCode::NOT_FOUND, not_found()),
+            }
+        }
         _ => json(StatusCode::NOT_FOUND, not_found()),
     }
 }
