@@ -21,9 +21,7 @@ fn urls(text: &str) -> Vec<String> {
         let mut rest = text;
         while let Some(i) = rest.find(scheme) {
             let tail = &rest[i..];
-            let end = tail
-                .find(|c: char| c == '"' || c == '>' || c == ' ' || c == ',')
-                .unwrap_or(tail.len());
+            let end = tail.find(['"', '>', ' ', ',']).unwrap_or(tail.len());
             out.push(tail[..end].to_owned());
             rest = &tail[end..];
         }
