@@ -5,7 +5,11 @@
 //!   cargo bench --bench audit          (REQUESTS=4000, ROUNDS=2)
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::load::{env_or, median, throughput};
+use support::{DemoKeyExt as _, Harness, Setup};
 
 const ROUTES: &str = r#"routes:
   - name: bypass
@@ -20,22 +24,29 @@ const ROUTES: &str = r#"routes:
 "#;
 
 fn main() {
-    common::block_on(run());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
 }
 
 async fn run() {
-    let total = common::env_or("REQUESTS", 4000);
-    let rounds = common::env_or("ROUNDS", 2);
-    let b = common::start(
-        ROUTES,
-        "audit:\n  path: audit.jsonl\n  rotate_size: 1GiB\n  record_passthrough: false\n",
-    )
+    let total = env_or("REQUESTS", 4000);
+    let rounds = env_or("ROUNDS", 2);
+    let b = Harness::start_with(Setup {
+        routes: ROUTES.into(),
+        audit: "audit:\n  path: audit.jsonl\n  rotate_size: 1GiB\n  record_passthrough: false\n"
+            .into(),
+        admin_key: "admin_key:\n  idle_disable_after: never\n  disable_on_shutdown: false\n".into(),
+        ..Setup::default()
+    })
     .await;
     let bypass_url = format!("http://{}/wiki/api/v2/pages/2001", b.addr);
     let plain_url = format!("http://{}/wiki/api/v2/spaces", b.addr);
-    let scanner = common::basic(&b.scanner);
+    let scanner = b.scanner.basic();
     let metrics = b.control.metrics();
-    common::load(&bypass_url, &scanner, 200, 8).await;
+    throughput(&bypass_url, &scanner, 200, 8).await;
     println!(
         "audit: {total} requests per run (1 client: {} ), {rounds} rounds; same process, same key",
         total / 8
@@ -50,15 +61,15 @@ async fn run() {
         let (mut bypass, mut plain, mut per_request) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let before = metrics.audit_fsyncs.get();
-            bypass.push(common::load(&bypass_url, &scanner, n, clients).await);
+            bypass.push(throughput(&bypass_url, &scanner, n, clients).await);
             let fsyncs = metrics.audit_fsyncs.get() - before;
             per_request.push(fsyncs as f64 / n as f64);
-            plain.push(common::load(&plain_url, &scanner, n, clients).await);
+            plain.push(throughput(&plain_url, &scanner, n, clients).await);
         }
         let (bp, pl, fs) = (
-            common::median(&mut bypass),
-            common::median(&mut plain),
-            common::median(&mut per_request),
+            median(&mut bypass),
+            median(&mut plain),
+            median(&mut per_request),
         );
         println!(
             "{clients:>8} {bp:>14.0} {pl:>14.0} {:>7.2}x {fs:>16.3}",

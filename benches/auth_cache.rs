@@ -6,7 +6,11 @@
 //!   cargo bench --bench auth_cache        (ROUNDS=6 REQUESTS=20000 CONCURRENCY=32)
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::load::{env_or, median, throughput};
+use support::{DemoKeyExt as _, Harness, Setup};
 
 use keygate::client_keys::KeyStore;
 
@@ -14,16 +18,25 @@ const ROUTES: &str =
     "routes:\n  - name: read\n    methods: [GET]\n    path: /wiki/**\n    roles: [\"*\"]\n";
 
 fn main() {
-    common::block_on(run());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
 }
 
 async fn run() {
-    let rounds = common::env_or("ROUNDS", 6);
-    let total = common::env_or("REQUESTS", 20_000);
-    let concurrency = common::env_or("CONCURRENCY", 32);
-    let b = common::start(ROUTES, "").await;
+    let rounds = env_or("ROUNDS", 6);
+    let total = env_or("REQUESTS", 20_000);
+    let concurrency = env_or("CONCURRENCY", 32);
+    let b = Harness::start_with(Setup {
+        routes: ROUTES.into(),
+        audit: String::new(),
+        ..Setup::default()
+    })
+    .await;
     let url = format!("http://{}/wiki/api/v2/pages/1001", b.addr);
-    let auth = common::basic(&b.reader);
+    let auth = b.reader.basic();
     let runs_before = b.control.argon2_runs();
     let (mut cached, mut fixed) = (Vec::new(), Vec::new());
     println!("auth_cache: {total} requests per run, {concurrency} connections, {rounds} rounds");
@@ -44,8 +57,8 @@ async fn run() {
                     vec![b.reader.role.to_owned()],
                 ));
             }
-            common::load(&url, &auth, 500, concurrency).await;
-            let rps = common::load(&url, &auth, total, concurrency).await;
+            throughput(&url, &auth, 500, concurrency).await;
+            let rps = throughput(&url, &auth, total, concurrency).await;
             let name = if use_cache {
                 "cached key"
             } else {
@@ -59,7 +72,7 @@ async fn run() {
             }
         }
     }
-    let (c, f) = (common::median(&mut cached), common::median(&mut fixed));
+    let (c, f) = (median(&mut cached), median(&mut fixed));
     let diff = (f - c) / f * 100.0;
     println!("median: cached key {c:.0} req/s, fixed credential {f:.0} req/s");
     println!(

@@ -3,6 +3,8 @@
 //! 0 success, 1 invalid input or a failed check, 2 usage errors.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod explain;
+
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -299,9 +301,11 @@ fn run(path: &Path) -> ExitCode {
         return ExitCode::from(1);
     }
     with_runtime(|| async move {
-        let app = crate::App::bind(config).await.map_err(|e| e.to_string())?;
+        let app = crate::app::App::bind(config)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(listen = %app.local_addr(), ops = ?app.ops_addr(), "keygate listening");
-        app.run(crate::termination_signal()).await;
+        app.run(crate::app::termination_signal()).await;
         Ok(())
     })
 }
@@ -535,7 +539,7 @@ fn explain(
             }
         }
     };
-    let explanation = crate::route::explain::explain(
+    let explanation = explain::explain(
         &config.routes,
         &method,
         target,

@@ -47,7 +47,7 @@ pub enum DevError {
     #[error("cannot start the Confluence stand-in: {0}")]
     Standin(std::io::Error),
     #[error("{0}")]
-    Start(#[from] crate::StartError),
+    Start(#[from] crate::app::StartError),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigErrors),
     #[error("cannot hash the demo secret: {0}")]
@@ -139,7 +139,7 @@ clients:
     );
     write(&config_path, &config_text)?;
     let config = crate::config::load(&config_path)?;
-    let app = crate::App::bind(config).await?;
+    let app = crate::app::App::bind(config).await?;
     print!(
         "{}",
         banner(
@@ -150,7 +150,7 @@ clients:
             &keys
         )
     );
-    app.run(crate::termination_signal()).await;
+    app.run(crate::app::termination_signal()).await;
     Ok(())
 }
 

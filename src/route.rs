@@ -5,7 +5,6 @@
 //! decides it; when none does, the request is denied. Patterns match whole
 //! segments of a canonical path (`/api` never matches `/apiv2`).
 
-pub mod explain;
 pub mod path;
 
 use http::Method;

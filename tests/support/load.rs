@@ -26,3 +26,54 @@ where
     }
     out.into_iter().flatten().collect()
 }
+
+/// Sends `total` GETs with `auth` over `concurrency` keep-alive connections, each
+/// expected to succeed; returns requests/s.
+pub async fn throughput(url: &str, auth: &str, total: usize, concurrency: usize) -> f64 {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build_http::<Full<Bytes>>();
+    let per_task = total / concurrency;
+    let started = std::time::Instant::now();
+    concurrently(concurrency, |_| {
+        let (client, url, auth) = (client.clone(), url.to_owned(), auth.to_owned());
+        async move {
+            for _ in 0..per_task {
+                let request = http::Request::get(&url)
+                    .header("authorization", &auth)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let response = client.request(request).await.unwrap();
+                assert!(
+                    response.status().is_success(),
+                    "status {}",
+                    response.status()
+                );
+                response.into_body().collect().await.unwrap();
+            }
+        }
+    })
+    .await;
+    (per_task * concurrency) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The median of a sample.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A number from the environment, for benchmark knobs.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -6,8 +6,8 @@ use std::time::SystemTime;
 
 use http::Method;
 
-use super::{CanonicalPath, RouteTable};
 use crate::client_keys::ApiKey;
+use crate::route::{CanonicalPath, RouteTable};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
