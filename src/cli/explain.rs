@@ -10,16 +10,16 @@ use crate::client_keys::ApiKey;
 use crate::route::{CanonicalPath, RouteTable};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// 1-based position in the allow-list.
-    pub position: usize,
-    pub name: String,
-    pub roles: Vec<String>,
-    pub admin_key: bool,
+    pub(crate) position: usize,
+    pub(crate) name: String,
+    pub(crate) roles: Vec<String>,
+    pub(crate) admin_key: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// 400: the path is refused and never forwarded.
     Refused(String),
     /// 401: the key cannot authenticate.
@@ -33,16 +33,16 @@ pub enum Decision {
 }
 
 #[derive(Debug, Clone)]
-pub struct Explanation {
-    pub method: String,
-    pub target: String,
-    pub canonical: Option<String>,
-    pub client: Option<(String, Vec<String>)>,
-    pub candidates: Vec<Candidate>,
-    pub decision: Decision,
+pub(crate) struct Explanation {
+    pub(crate) method: String,
+    pub(crate) target: String,
+    pub(crate) canonical: Option<String>,
+    pub(crate) client: Option<(String, Vec<String>)>,
+    pub(crate) candidates: Vec<Candidate>,
+    pub(crate) decision: Decision,
 }
 
-pub fn explain(
+pub(crate) fn explain(
     routes: &RouteTable,
     method: &Method,
     target: &str,
@@ -92,7 +92,7 @@ pub fn explain(
 }
 
 impl Explanation {
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let (decision, status, route, admin_key, reason) = match &self.decision {
             Decision::Refused(r) => ("refused", Some(400), None, false, Some(r.clone())),
             Decision::Unauthorized(r) => (
