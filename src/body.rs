@@ -71,7 +71,9 @@ pub struct Guarded<B> {
     inner: B,
     count: Arc<AtomicU64>,
     trailers: Trailers,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle: Option<Duration>,
+    /// Armed the first time the body has to wait (most bodies never do).
+    sleep: Option<Pin<Box<Sleep>>>,
     finish: Option<Finish>,
     ended: bool,
 }
@@ -83,6 +85,7 @@ impl<B> Guarded<B> {
             count: Arc::default(),
             trailers,
             idle: None,
+            sleep: None,
             finish: None,
             ended: false,
         }
@@ -96,7 +99,7 @@ impl<B> Guarded<B> {
 
     /// Fails the body when no frame arrives for `idle`.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
-        self.idle = Some((idle, Box::pin(tokio::time::sleep(idle))));
+        self.idle = Some(idle);
         self
     }
 
@@ -139,8 +142,8 @@ where
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let Some((idle, sleep)) = &mut this.idle {
-                        sleep.as_mut().reset(Instant::now() + *idle);
+                    if let (Some(idle), Some(sleep)) = (this.idle, &mut this.sleep) {
+                        sleep.as_mut().reset(Instant::now() + idle);
                     }
                     let frame = match frame.into_data() {
                         Ok(data) => {
@@ -170,9 +173,11 @@ where
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
-                    if let Some((idle, sleep)) = &mut this.idle {
+                    if let Some(idle) = this.idle {
+                        let sleep = this
+                            .sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                         if sleep.as_mut().poll(cx).is_ready() {
-                            let idle = *idle;
                             this.done(End::Stalled);
                             return Poll::Ready(Some(Err(Box::new(Stalled(idle)))));
                         }

@@ -94,6 +94,18 @@ fn connection_names(headers: &HeaderMap, name: &[u8]) -> bool {
     })
 }
 
+/// Whether a `Connection` header names anything besides `close` and the
+/// hop-by-hop headers removed anyway (almost never: then no per-header check).
+fn names_more_than_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.get_all(CONNECTION).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .map(|t| t.trim_ascii())
+            .any(|t| !t.is_empty() && !same_name(t, b"close") && !is_hop_by_hop(t))
+    })
+}
+
 /// Removes every header for which `drop(name, headers)` holds.
 fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&[u8], &HeaderMap) -> bool) {
     let mut doomed: Vec<HeaderName> = Vec::new();
@@ -118,7 +130,7 @@ pub fn authorization_count(headers: &HeaderMap) -> usize {
 
 /// Removes from a client's request every header that must not reach Confluence.
 pub fn strip_request(headers: &mut HeaderMap) {
-    let named = headers.contains_key(CONNECTION);
+    let named = names_more_than_hop_by_hop(headers);
     remove_where(headers, |n, all| {
         is_hop_by_hop(n)
             || CLIENT_CREDENTIALS.iter().any(|c| same_name(n, c))
@@ -130,7 +142,7 @@ pub fn strip_request(headers: &mut HeaderMap) {
 /// Removes from Confluence's response (headers or trailers) what must not reach a
 /// client.
 pub fn strip_response(headers: &mut HeaderMap) {
-    let named = headers.contains_key(CONNECTION);
+    let named = names_more_than_hop_by_hop(headers);
     remove_where(headers, |n, all| {
         is_hop_by_hop(n)
             || RESPONSE_SECRETS.iter().any(|c| same_name(n, c))

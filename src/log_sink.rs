@@ -1,8 +1,9 @@
 //! Standard error, written by one log thread: request handlers append finished
 //! lines to a shared buffer (formatted in a reused thread-local buffer, without
-//! a general-purpose JSON layer) and never write themselves. The thread swaps
-//! the buffer out and writes it in one go, so a burst of requests costs one
-//! write and one wake-up.
+//! a general-purpose JSON layer) and never write themselves. The thread wakes
+//! every `FLUSH_EVERY` (or when the buffer passes a high-water mark), swaps the
+//! buffer out and writes it in one go: requests never wake it, and a burst of
+//! them costs one write.
 //!
 //! Invariants: a request never blocks on the log — when the buffer is full, its
 //! line is dropped and counted; lines are never interleaved (tracing's own events
@@ -18,6 +19,10 @@ use std::time::{Duration, SystemTime};
 
 /// Bytes buffered for the log thread at most; beyond, lines are dropped.
 const CAPACITY: usize = 4 << 20;
+/// Past this much, an appender wakes the log thread early.
+const HIGH_WATER: usize = 1 << 20;
+/// How often the log thread writes what was appended.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct Buffer {
     bytes: Vec<u8>,
@@ -88,11 +93,12 @@ impl LogSink {
             self.inner.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let was_empty = buffer.bytes.is_empty();
+        let below = buffer.bytes.len() < HIGH_WATER;
         buffer.bytes.extend_from_slice(line);
         buffer.appended += 1;
+        let past = below && buffer.bytes.len() >= HIGH_WATER;
         drop(buffer);
-        if was_empty {
+        if past {
             self.inner.wake.notify_one();
         }
     }
@@ -101,6 +107,7 @@ impl LogSink {
     pub fn flush(&self, limit: Duration) {
         let mut buffer = self.inner.buffer.lock().unwrap_or_else(|p| p.into_inner());
         let target = buffer.appended;
+        self.inner.wake.notify_one();
         let deadline = std::time::Instant::now() + limit;
         while buffer.written < target {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -120,11 +127,14 @@ fn run(inner: &Inner) {
     loop {
         let lines = {
             let mut buffer = inner.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            while buffer.bytes.is_empty() {
-                buffer = match inner.wake.wait(buffer) {
-                    Ok(b) => b,
-                    Err(p) => p.into_inner(),
+            loop {
+                buffer = match inner.wake.wait_timeout(buffer, FLUSH_EVERY) {
+                    Ok((b, _)) => b,
+                    Err(p) => p.into_inner().0,
                 };
+                if !buffer.bytes.is_empty() {
+                    break;
+                }
             }
             std::mem::swap(&mut buffer.bytes, &mut out);
             buffer.appended
@@ -283,6 +293,11 @@ fn format_text(out: &mut Vec<u8>, l: &AccessLine<'_>) {
 /// A JSON string literal.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     for &b in s.as_bytes() {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -299,6 +314,10 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 /// A value in a text line: control characters escaped so a client cannot forge
 /// a line.
 fn text_value(out: &mut Vec<u8>, s: &str) {
+    if !s.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        out.extend_from_slice(s.as_bytes());
+        return;
+    }
     for &b in s.as_bytes() {
         match b {
             0x00..=0x1F | 0x7F => {

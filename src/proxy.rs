@@ -44,7 +44,7 @@ use crate::route::{CanonicalPath, PathError, Route, RouteTable};
 use crate::server::{ConnInfo, Handler};
 pub use exchange::Exchange;
 pub use limits::{AuthRecords, UpstreamBackoff};
-pub use rewrite::Site;
+pub use rewrite::{Replacement, Site};
 
 /// Everything one configuration generation decides requests with; replaced whole
 /// on reload.
@@ -59,8 +59,8 @@ pub struct Policy {
     pub body_idle_timeout: Duration,
     pub per_client_rps: u32,
     pub upstream_backoff: bool,
-    /// `listen.public_url`, as an origin string.
-    pub public_origin: Option<String>,
+    /// `listen.public_url`, as the replacement for the site's origin.
+    pub public_origin: Option<Arc<rewrite::Replacement>>,
     pub rewrite_json: bool,
     pub counters: RouteCounters,
 }
@@ -88,6 +88,8 @@ pub struct ProxyConn {
     info: ConnInfo,
     forwarded: ForwardedFor,
     memo: Mutex<Option<Memo>>,
+    /// The public origin last derived from this connection's `Host`.
+    origin: Mutex<Option<(HeaderValue, Arc<rewrite::Replacement>)>>,
 }
 
 /// A verified `Authorization` value, good for one generation.
@@ -176,10 +178,14 @@ impl Proxy {
         let key = self.authenticate(&request, conn, policy, ex).await?;
         let route = self.authorize(&request, &path, &key, policy, ex)?;
         self.prepare_bypass(route, ex).await?;
-        let origin =
-            rewrite::public_origin(policy.public_origin.as_deref(), &request, conn.info.proto);
+        let public = rewrite::Public {
+            configured: policy.public_origin.as_ref(),
+            scheme: conn.info.proto,
+            authority: rewrite::request_authority(&request),
+            cache: &conn.origin,
+        };
         let response = forward::send(self, request, &path, policy, conn, ex).await?;
-        self.respond(response, policy, &origin, ex)
+        self.respond(response, policy, &public, ex)
     }
 
     /// 3. Exactly one credential, and a key that accepts it.
@@ -310,7 +316,7 @@ impl Proxy {
         &self,
         response: Response<Incoming>,
         policy: &Policy,
-        origin: &str,
+        public: &rewrite::Public<'_>,
         ex: &mut Exchange,
     ) -> Result<Response<Body>, ProxyError> {
         let status = response.status().as_u16();
@@ -323,7 +329,7 @@ impl Proxy {
             401 => return Err(ProxyError::UpstreamCredentialsRejected),
             _ => {}
         }
-        Ok(forward::clean_response(self, response, policy, origin, ex))
+        Ok(forward::clean_response(self, response, policy, public, ex))
     }
 
     /// Upstream 401s (readiness, once per change) and back-off requests.
@@ -428,6 +434,7 @@ impl Handler for ProxyHandler {
             info,
             forwarded: ForwardedFor::new(info.peer, info.proto),
             memo: Mutex::new(None),
+            origin: Mutex::new(None),
         }
     }
 

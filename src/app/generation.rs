@@ -73,7 +73,11 @@ impl Generation {
             body_idle_timeout: c.limits.body_idle_timeout,
             per_client_rps: c.limits.per_client_rps,
             upstream_backoff: c.limits.upstream_backoff,
-            public_origin: c.listen.public_url.as_ref().map(ToString::to_string),
+            public_origin: c
+                .listen
+                .public_url
+                .as_ref()
+                .map(|u| crate::proxy::Replacement::new(u.to_string())),
             rewrite_json: c.confluence.rewrite_json,
             counters: metrics.route_counters(&names),
         }

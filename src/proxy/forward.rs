@@ -5,7 +5,7 @@ use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGT
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 
-use super::rewrite::Rewritten;
+use super::rewrite::{Public, Rewritten};
 use super::{Exchange, Policy, Proxy, ProxyConn};
 use crate::body::{self, Body, Guarded, Trailers};
 use crate::error::ProxyError;
@@ -76,7 +76,7 @@ pub(super) fn clean_response(
     proxy: &Proxy,
     response: Response<Incoming>,
     policy: &Policy,
-    origin: &str,
+    public: &Public<'_>,
     ex: &Exchange,
 ) -> Response<Body> {
     let (mut parts, incoming) = response.into_parts();
@@ -84,7 +84,7 @@ pub(super) fn clean_response(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), ex.request_id.clone());
-    proxy.site.rewrite_headers(&mut parts.headers, origin);
+    proxy.site.rewrite_headers(&mut parts.headers, public);
     let metrics = std::sync::Arc::clone(&proxy.metrics);
     let guarded = Guarded::new(incoming, Trailers::Clean)
         .idle_timeout(policy.body_idle_timeout)
@@ -102,7 +102,7 @@ pub(super) fn clean_response(
         parts.headers.remove(CONTENT_LENGTH);
         body::boxed(Rewritten::new(
             body::boxed(guarded),
-            proxy.site.json_rewriter(origin),
+            proxy.site.json_rewriter(public.resolve()),
         ))
     } else {
         body::boxed(guarded)

@@ -14,14 +14,30 @@
 //! the URL it asked keygate for.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, CONTENT_LOCATION, HOST, LINK, LOCATION};
 use http::{HeaderMap, Request};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use memchr::memmem::Finder;
 
 use crate::body::BoxError;
+
+/// One spelling of the site's origin in a body, with its searcher built once.
+#[derive(Debug)]
+struct Pattern {
+    finder: Finder<'static>,
+    /// Written with `\/` for `/` (JSON allows it).
+    escaped: bool,
+}
+
+impl Pattern {
+    fn bytes(&self) -> &[u8] {
+        self.finder.needle()
+    }
+}
 
 /// The site's origin as Confluence writes it in URLs.
 #[derive(Debug, Clone)]
@@ -30,6 +46,63 @@ pub struct Site {
     origin: String,
     /// The same with the scheme's default port written out.
     with_port: String,
+    patterns: Arc<[Pattern]>,
+}
+
+/// keygate's public origin, as a replacement in both JSON spellings.
+#[derive(Debug)]
+pub struct Replacement {
+    text: String,
+    escaped: Vec<u8>,
+}
+
+impl Replacement {
+    pub fn new(origin: String) -> Arc<Self> {
+        let escaped = origin.replace('/', "\\/").into_bytes();
+        Arc::new(Replacement {
+            text: origin,
+            escaped,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Where a request's public origin comes from, resolved only when a URL is
+/// actually rewritten.
+pub(super) struct Public<'a> {
+    pub configured: Option<&'a Arc<Replacement>>,
+    pub scheme: &'static str,
+    /// `Host` or `:authority` as the request carried it.
+    pub authority: Option<HeaderValue>,
+    /// The connection's last resolution: clients send the same `Host` each time.
+    pub cache: &'a Mutex<Option<(HeaderValue, Arc<Replacement>)>>,
+}
+
+impl Public<'_> {
+    pub(super) fn resolve(&self) -> Arc<Replacement> {
+        if let Some(c) = self.configured {
+            return Arc::clone(c);
+        }
+        let Some(authority) = &self.authority else {
+            return Replacement::new(String::new());
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((key, value)) = cache.as_ref() {
+            if key == authority {
+                return Arc::clone(value);
+            }
+        }
+        let origin = match authority.to_str() {
+            Ok(a) if valid_authority(a) => format!("{}://{a}", self.scheme),
+            _ => String::new(),
+        };
+        let value = Replacement::new(origin);
+        *cache = Some((authority.clone(), Arc::clone(&value)));
+        value
+    }
 }
 
 impl Site {
@@ -41,7 +114,25 @@ impl Site {
         } else {
             format!("{origin}:{port}")
         };
-        Site { origin, with_port }
+        let mut patterns = Vec::new();
+        for o in [&with_port, &origin] {
+            for escaped in [false, true] {
+                let text = if escaped {
+                    o.replace('/', "\\/")
+                } else {
+                    o.clone()
+                };
+                patterns.push(Pattern {
+                    finder: Finder::new(text.as_bytes()).into_owned(),
+                    escaped,
+                });
+            }
+        }
+        Site {
+            origin,
+            with_port,
+            patterns: patterns.into(),
+        }
     }
 
     /// The length of the site-origin prefix of `url`, if it has one followed by
@@ -67,8 +158,19 @@ impl Site {
         Some(format!("{public}{rest}"))
     }
 
-    /// Rewrites `Location`, `Content-Location` and every URL in `Link`.
-    pub fn rewrite_headers(&self, headers: &mut HeaderMap, public: &str) {
+    /// Rewrites `Location`, `Content-Location` and every URL in `Link`; the
+    /// public origin is resolved only if one of them is there.
+    pub(super) fn rewrite_headers(&self, headers: &mut HeaderMap, public: &Public<'_>) {
+        if [LOCATION, CONTENT_LOCATION, LINK]
+            .iter()
+            .any(|n| headers.contains_key(n))
+        {
+            self.rewrite_headers_to(headers, public.resolve().as_str());
+        }
+    }
+
+    /// Rewrites `Location`, `Content-Location` and every URL in `Link` to `public`.
+    pub fn rewrite_headers_to(&self, headers: &mut HeaderMap, public: &str) {
         for name in [LOCATION, CONTENT_LOCATION] {
             let new = headers
                 .get(&name)
@@ -118,42 +220,20 @@ impl Site {
     }
 
     /// A streaming rewriter for a JSON body.
-    pub fn json_rewriter(&self, public: &str) -> Replacer {
-        let escaped = |s: &str| s.replace('/', "\\/");
-        let mut patterns = Vec::new();
-        for origin in [&self.with_port, &self.origin] {
-            patterns.push((origin.as_bytes().to_vec(), public.as_bytes().to_vec()));
-            patterns.push((escaped(origin).into_bytes(), escaped(public).into_bytes()));
+    pub fn json_rewriter(&self, public: Arc<Replacement>) -> Replacer {
+        Replacer {
+            patterns: Arc::clone(&self.patterns),
+            public,
+            carry: Vec::new(),
         }
-        Replacer::new(patterns)
     }
 }
 
-/// The public origin for a request: `configured` (from `listen.public_url`), else
-/// the connection's scheme and the request's authority if it is valid; empty
-/// when there is none (URLs become origin-relative).
-pub(super) fn public_origin<B>(
-    configured: Option<&str>,
-    request: &Request<B>,
-    scheme: &str,
-) -> String {
-    if let Some(c) = configured {
-        return c.to_owned();
-    }
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    match authority {
-        Some(a) if valid_authority(&a) => format!("{scheme}://{a}"),
-        _ => String::new(),
+/// The authority a request arrived with (`:authority`, else `Host`).
+pub(super) fn request_authority<B>(request: &Request<B>) -> Option<HeaderValue> {
+    match request.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => request.headers().get(HOST).cloned(),
     }
 }
 
@@ -168,17 +248,49 @@ fn valid_authority(text: &str) -> bool {
 /// start of a pattern across a chunk boundary; never the whole body.
 #[derive(Debug)]
 pub struct Replacer {
-    /// (pattern, replacement), longest first for each origin spelling.
-    patterns: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The site's origin in each spelling, longest first for each.
+    patterns: Arc<[Pattern]>,
+    public: Arc<Replacement>,
     carry: Vec<u8>,
 }
 
 impl Replacer {
-    fn new(patterns: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
-        Replacer {
-            patterns,
-            carry: Vec::new(),
+    fn replacement(&self, pattern: &Pattern) -> &[u8] {
+        if pattern.escaped {
+            &self.public.escaped
+        } else {
+            self.public.text.as_bytes()
         }
+    }
+
+    /// Whether `input` (with nothing carried) can pass unchanged: no pattern in
+    /// it, and no pattern starting in its tail.
+    fn untouched(&self, input: &[u8], last: bool) -> bool {
+        if !self.carry.is_empty() {
+            return false;
+        }
+        let longest = self
+            .patterns
+            .iter()
+            .map(|p| p.bytes().len())
+            .max()
+            .unwrap_or(0);
+        let tail_start = input.len().saturating_sub(longest);
+        let partial_at_end = !last
+            && (tail_start..input.len()).any(|i| {
+                let rest = &input[i..];
+                self.patterns.iter().any(|p| p.bytes().starts_with(rest))
+            });
+        !partial_at_end && self.patterns.iter().all(|p| p.finder.find(input).is_none())
+    }
+
+    /// Rewrites `input` (passing it through without a copy when nothing in it
+    /// changes), keeping back a possible partial match unless `last`.
+    pub fn push_bytes(&mut self, input: Bytes, last: bool) -> Bytes {
+        if self.untouched(&input, last) {
+            return input;
+        }
+        self.push(&input, last)
     }
 
     /// Rewrites `input`, keeping back a possible partial match unless `last`.
@@ -195,13 +307,14 @@ impl Replacer {
             out.extend_from_slice(&buf[i..i + off]);
             i += off;
             let rest = &buf[i..];
-            for (pattern, replacement) in &self.patterns {
+            for p in self.patterns.iter() {
+                let pattern = p.bytes();
                 if rest.starts_with(pattern) {
                     match rest.get(pattern.len()) {
                         // A longer host (`site.atlassian.net.evil`) or a port is
                         // another origin.
                         Some(b'/' | b'"' | b'?' | b'#' | b'\\') => {
-                            out.extend_from_slice(replacement);
+                            out.extend_from_slice(self.replacement(p));
                             i += pattern.len();
                             continue 'scan;
                         }
@@ -265,7 +378,7 @@ where
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let out = this.replacer.push(&data, false);
+                        let out = this.replacer.push_bytes(data, false);
                         if out.is_empty() {
                             continue;
                         }

@@ -66,7 +66,7 @@ fn location_content_location_and_link_are_rewritten() {
             "<https://example.atlassian.net/wiki>; rel=\"base\", </wiki/api/v2/pages?cursor=a>; rel=\"next\"",
         ),
     );
-    site().rewrite_headers(&mut h, PUBLIC);
+    site().rewrite_headers_to(&mut h, PUBLIC);
     assert_eq!(
         h[LOCATION],
         "https://keygate.internal:8443/wiki/spaces/ENG/pages/1"
@@ -87,23 +87,30 @@ fn public_origin_comes_from_config_or_a_valid_host_only() {
             .body(())
             .unwrap()
     };
-    assert_eq!(
-        public_origin(Some("https://kg.example"), &req("x"), "http"),
-        "https://kg.example"
-    );
-    assert_eq!(
-        public_origin(None, &req("kg.example:8080"), "http"),
-        "http://kg.example:8080"
-    );
+    let configured = Replacement::new("https://kg.example".into());
+    let resolve = |configured: Option<&Arc<Replacement>>, host: &str| {
+        let cache = Mutex::new(None);
+        let public = Public {
+            configured,
+            scheme: "http",
+            authority: request_authority(&req(host)),
+            cache: &cache,
+        };
+        let first = public.resolve();
+        assert_eq!(public.resolve().as_str(), first.as_str(), "cached alike");
+        first.as_str().to_owned()
+    };
+    assert_eq!(resolve(Some(&configured), "x"), "https://kg.example");
+    assert_eq!(resolve(None, "kg.example:8080"), "http://kg.example:8080");
     for bad in ["evil.com/x", "a@evil.com", "", "a b", "[::1"] {
-        assert_eq!(public_origin(None, &req(bad), "http"), "", "{bad:?}");
+        assert_eq!(resolve(None, bad), "", "{bad:?}");
     }
 }
 
 const BODY: &str = r#"{"results":[{"id":"1","_links":{"webui":"/spaces/X","self":"https://example.atlassian.net/wiki/api/v2/pages/1"}}],"_links":{"base":"https://example.atlassian.net/wiki","next":"/wiki/api/v2/pages?cursor=abc","escaped":"https:\/\/example.atlassian.net\/wiki","other":"https://example.atlassian.net.evil/x","hh":"hhttps://example.atlassian.net/"}}"#;
 
 fn whole(body: &str) -> String {
-    let mut r = site().json_rewriter(PUBLIC);
+    let mut r = site().json_rewriter(Replacement::new(PUBLIC.into()));
     String::from_utf8(r.push(body.as_bytes(), true).to_vec()).unwrap()
 }
 
@@ -129,11 +136,11 @@ proptest! {
         cuts.sort_unstable();
         cuts.dedup();
         let bytes = BODY.as_bytes();
-        let mut r = site().json_rewriter(PUBLIC);
+        let mut r = site().json_rewriter(Replacement::new(PUBLIC.into()));
         let mut out = Vec::new();
         let mut start = 0;
         for cut in cuts {
-            out.extend_from_slice(&r.push(&bytes[start..cut], false));
+            out.extend_from_slice(&r.push_bytes(Bytes::copy_from_slice(&bytes[start..cut]), false));
             start = cut;
         }
         out.extend_from_slice(&r.push(&bytes[start..], true));
