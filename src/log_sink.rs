@@ -12,7 +12,6 @@
 
 use std::cell::RefCell;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -186,7 +185,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
 /// One access log line: what happened to one request.
 pub struct AccessLine<'a> {
     pub request_id: &'a str,
-    pub peer: SocketAddr,
+    /// The peer's address as text (formatted once per connection).
+    pub peer: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub status: u16,
@@ -200,6 +200,23 @@ pub struct AccessLine<'a> {
 
 thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    /// The timestamp up to the second (`2026-11-29T10:17:26.`), and its second.
+    static SECOND: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+}
+
+/// Appends a number in decimal without the formatting machinery.
+fn number(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 impl LogSink {
@@ -221,9 +238,35 @@ impl LogSink {
     }
 }
 
+/// `2026-11-29T10:17:26.484028Z`: the part up to the second is formatted once a
+/// second per thread.
 fn timestamp(out: &mut Vec<u8>) {
-    let now = SystemTime::now();
-    crate::rfc3339::write_micros(out, now);
+    let since = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.0 != secs {
+            let mut prefix = Vec::with_capacity(32);
+            crate::rfc3339::write_micros(
+                &mut prefix,
+                std::time::UNIX_EPOCH + Duration::from_secs(secs),
+            );
+            prefix.truncate(prefix.len().saturating_sub(7)); // "000000Z"
+            *cell = (secs, prefix);
+        }
+        out.extend_from_slice(&cell.1);
+    });
+    let micros = since.subsec_micros();
+    let mut digits = [b'0'; 6];
+    let mut m = micros;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (m % 10) as u8;
+        m /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
 }
 
 fn format_json(out: &mut Vec<u8>, l: &AccessLine<'_>) {
@@ -231,15 +274,17 @@ fn format_json(out: &mut Vec<u8>, l: &AccessLine<'_>) {
     timestamp(out);
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":");
     json_str(out, l.request_id);
-    out.extend_from_slice(b",\"peer\":\"");
-    let _ = write!(out, "{}", l.peer);
-    out.extend_from_slice(b"\",\"method\":");
+    out.extend_from_slice(b",\"peer\":");
+    json_str(out, l.peer);
+    out.extend_from_slice(b",\"method\":");
     json_str(out, l.method);
     out.extend_from_slice(b",\"path\":");
     json_str(out, l.path);
-    let _ = write!(out, ",\"status\":{}", l.status);
+    out.extend_from_slice(b",\"status\":");
+    number(out, u64::from(l.status));
     if let Some(s) = l.upstream_status {
-        let _ = write!(out, ",\"upstream_status\":{s}");
+        out.extend_from_slice(b",\"upstream_status\":");
+        number(out, u64::from(s));
     }
     if let Some(c) = l.client_id {
         out.extend_from_slice(b",\"client_id\":");
@@ -249,23 +294,27 @@ fn format_json(out: &mut Vec<u8>, l: &AccessLine<'_>) {
         out.extend_from_slice(b",\"route\":");
         json_str(out, r);
     }
-    let _ = write!(out, ",\"admin_key\":{}", l.admin_key);
+    out.extend_from_slice(if l.admin_key {
+        b",\"admin_key\":true"
+    } else {
+        b",\"admin_key\":false"
+    });
     if let Some(a) = l.auth_failure {
         out.extend_from_slice(b",\"auth_failure\":");
         json_str(out, a);
     }
-    let _ = writeln!(
-        out,
-        ",\"duration_ms\":{},\"target\":\"keygate::access\"}}",
-        l.duration_ms
-    );
+    out.extend_from_slice(b",\"duration_ms\":");
+    number(out, l.duration_ms);
+    out.extend_from_slice(b",\"target\":\"keygate::access\"}\n");
 }
 
 fn format_text(out: &mut Vec<u8>, l: &AccessLine<'_>) {
     timestamp(out);
     out.extend_from_slice(b"  INFO keygate::access: request request_id=");
     out.extend_from_slice(l.request_id.as_bytes());
-    let _ = write!(out, " peer={} method=", l.peer);
+    out.extend_from_slice(b" peer=");
+    out.extend_from_slice(l.peer.as_bytes());
+    out.extend_from_slice(b" method=");
     text_value(out, l.method);
     out.extend_from_slice(b" path=");
     text_value(out, l.path);
@@ -339,7 +388,7 @@ mod tests {
             &mut out,
             &AccessLine {
                 request_id: "r1",
-                peer: "127.0.0.1:5".parse().unwrap(),
+                peer: "127.0.0.1:5",
                 method: "GET",
                 path: "/wiki/\"x\"\n",
                 status: 200,
@@ -373,7 +422,7 @@ mod tests {
             &mut out,
             &AccessLine {
                 request_id: "r1",
-                peer: "127.0.0.1:5".parse().unwrap(),
+                peer: "127.0.0.1:5",
                 method: "GET",
                 path: "/a\nfake line",
                 status: 401,

@@ -86,6 +86,8 @@ pub struct Proxy {
 /// headers built once, and the last key it authenticated.
 pub struct ProxyConn {
     info: ConnInfo,
+    /// The peer's address as the access log writes it.
+    peer: Box<str>,
     forwarded: ForwardedFor,
     memo: Mutex<Option<Memo>>,
     /// The public origin last derived from this connection's `Host`.
@@ -161,7 +163,7 @@ impl Proxy {
             Ok(response) => response,
             Err(e) => e.to_response(&ex.request_id),
         };
-        self.account(&ex, &policy, response.status().as_u16());
+        self.account(&ex, &policy, &conn.peer, response.status().as_u16());
         self.finish(ex, response)
     }
 
@@ -357,7 +359,7 @@ impl Proxy {
     }
 
     /// Metrics and the access log line.
-    fn account(&self, ex: &Exchange, policy: &Policy, status: u16) {
+    fn account(&self, ex: &Exchange, policy: &Policy, peer: &str, status: u16) {
         policy
             .counters
             .count(ex.route.as_ref().map(|(i, _)| *i), ex.admin_key, status);
@@ -371,7 +373,7 @@ impl Proxy {
             if tracing::enabled!(target: "keygate::access", tracing::Level::INFO) {
                 log.access(&AccessLine {
                     request_id: ex.request_id(),
-                    peer: ex.remote_addr,
+                    peer,
                     method: ex.method.as_str(),
                     path: ex.path(),
                     status,
@@ -432,6 +434,7 @@ impl Handler for ProxyHandler {
     fn connect(&self, info: ConnInfo) -> ProxyConn {
         ProxyConn {
             info,
+            peer: info.peer.to_string().into_boxed_str(),
             forwarded: ForwardedFor::new(info.peer, info.proto),
             memo: Mutex::new(None),
             origin: Mutex::new(None),

@@ -101,7 +101,7 @@ pub(super) fn clean_response(
         // The length changes with the rewrite: the body goes chunked.
         parts.headers.remove(CONTENT_LENGTH);
         body::boxed(Rewritten::new(
-            body::boxed(guarded),
+            guarded,
             proxy.site.json_rewriter(public.resolve()),
         ))
     } else {

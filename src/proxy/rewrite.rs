@@ -46,7 +46,15 @@ pub struct Site {
     origin: String,
     /// The same with the scheme's default port written out.
     with_port: String,
-    patterns: Arc<[Pattern]>,
+    patterns: Arc<Patterns>,
+}
+
+/// The site's origin in every spelling, and one searcher for the part they all
+/// share (the host): a body without it needs no closer look.
+#[derive(Debug)]
+struct Patterns {
+    spellings: Vec<Pattern>,
+    host: Finder<'static>,
 }
 
 /// keygate's public origin, as a replacement in both JSON spellings.
@@ -128,10 +136,18 @@ impl Site {
                 });
             }
         }
+        let host = authority
+            .split(':')
+            .next()
+            .unwrap_or(authority)
+            .to_ascii_lowercase();
         Site {
             origin,
             with_port,
-            patterns: patterns.into(),
+            patterns: Arc::new(Patterns {
+                spellings: patterns,
+                host: Finder::new(host.as_bytes()).into_owned(),
+            }),
         }
     }
 
@@ -249,7 +265,7 @@ fn valid_authority(text: &str) -> bool {
 #[derive(Debug)]
 pub struct Replacer {
     /// The site's origin in each spelling, longest first for each.
-    patterns: Arc<[Pattern]>,
+    patterns: Arc<Patterns>,
     public: Arc<Replacement>,
     carry: Vec<u8>,
 }
@@ -269,19 +285,15 @@ impl Replacer {
         if !self.carry.is_empty() {
             return false;
         }
-        let longest = self
-            .patterns
-            .iter()
-            .map(|p| p.bytes().len())
-            .max()
-            .unwrap_or(0);
+        let spellings = &self.patterns.spellings;
+        let longest = spellings.iter().map(|p| p.bytes().len()).max().unwrap_or(0);
         let tail_start = input.len().saturating_sub(longest);
         let partial_at_end = !last
-            && (tail_start..input.len()).any(|i| {
-                let rest = &input[i..];
-                self.patterns.iter().any(|p| p.bytes().starts_with(rest))
+            && memchr::memchr_iter(b'h', &input[tail_start..]).any(|i| {
+                let rest = &input[tail_start + i..];
+                spellings.iter().any(|p| p.bytes().starts_with(rest))
             });
-        !partial_at_end && self.patterns.iter().all(|p| p.finder.find(input).is_none())
+        !partial_at_end && self.patterns.host.find(input).is_none()
     }
 
     /// Rewrites `input` (passing it through without a copy when nothing in it
@@ -307,7 +319,7 @@ impl Replacer {
             out.extend_from_slice(&buf[i..i + off]);
             i += off;
             let rest = &buf[i..];
-            for p in self.patterns.iter() {
+            for p in self.patterns.spellings.iter() {
                 let pattern = p.bytes();
                 if rest.starts_with(pattern) {
                     match rest.get(pattern.len()) {
@@ -358,7 +370,8 @@ impl<B> Rewritten<B> {
 
 impl<B> HttpBody for Rewritten<B>
 where
-    B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -394,7 +407,7 @@ where
                         return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
                 },
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => {
                     this.done = true;
                     let rest = this.replacer.push(&[], true);
