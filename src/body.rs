@@ -39,6 +39,22 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// Boxes a body whose errors are already `BoxError` (no mapping layer).
+pub fn boxed_as_is<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+{
+    http_body_util::combinators::BoxBody::new(body)
+}
+
+/// A change to the data of a body as it streams (rewriting URLs, say).
+pub trait Transform: Send + Sync + 'static {
+    /// What to pass on for `data`; may be empty while something is held back.
+    fn data(&mut self, data: Bytes) -> Bytes;
+    /// What was held back, at the end of the data.
+    fn finish(&mut self) -> Bytes;
+}
+
 /// What happens to trailers on the way through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trailers {
@@ -74,6 +90,13 @@ pub struct Guarded<B> {
     idle: Option<Duration>,
     /// Armed the first time the body has to wait (most bodies never do).
     sleep: Option<Pin<Box<Sleep>>>,
+    transform: Option<Box<dyn Transform>>,
+    /// Counted when the body stalls.
+    stalls: Option<prometheus_client::metrics::counter::Counter>,
+    /// Trailers waiting while held-back data is flushed first.
+    pending: Option<Frame<Bytes>>,
+    /// The inner body ended; held-back data was flushed.
+    drained: bool,
     finish: Option<Finish>,
     ended: bool,
 }
@@ -86,6 +109,10 @@ impl<B> Guarded<B> {
             trailers,
             idle: None,
             sleep: None,
+            transform: None,
+            stalls: None,
+            pending: None,
+            drained: false,
             finish: None,
             ended: false,
         }
@@ -100,6 +127,21 @@ impl<B> Guarded<B> {
     /// Fails the body when no frame arrives for `idle`.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.idle = Some(idle);
+        self
+    }
+
+    /// Counts a stall in `counter`.
+    pub fn counting_stalls(
+        mut self,
+        counter: &prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        self.stalls = Some(counter.clone());
+        self
+    }
+
+    /// Passes the data through `transform`.
+    pub fn transforming(mut self, transform: impl Transform) -> Self {
+        self.transform = Some(Box::new(transform));
         self
     }
 
@@ -136,7 +178,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.ended {
+        if let Some(frame) = this.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if this.ended || this.drained {
+            if !this.ended {
+                this.done(End::Complete);
+            }
             return Poll::Ready(None);
         }
         loop {
@@ -148,6 +196,13 @@ where
                     let frame = match frame.into_data() {
                         Ok(data) => {
                             this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            let data = match &mut this.transform {
+                                Some(t) => t.data(data),
+                                None => data,
+                            };
+                            if data.is_empty() {
+                                continue;
+                            }
                             Frame::data(data)
                         }
                         Err(frame) => match frame.into_trailers() {
@@ -155,7 +210,14 @@ where
                                 Trailers::Drop => continue,
                                 Trailers::Clean => {
                                     crate::headers::strip_response(&mut trailers);
-                                    Frame::trailers(trailers)
+                                    let held = this.transform.as_mut().map(|t| t.finish());
+                                    match held.filter(|h| !h.is_empty()) {
+                                        Some(held) => {
+                                            this.pending = Some(Frame::trailers(trailers));
+                                            Frame::data(held)
+                                        }
+                                        None => Frame::trailers(trailers),
+                                    }
                                 }
                             },
                             // A frame kind neither data nor trailers: not passed on.
@@ -169,6 +231,11 @@ where
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(None) => {
+                    let held = this.transform.as_mut().map(|t| t.finish());
+                    if let Some(held) = held.filter(|h| !h.is_empty()) {
+                        this.drained = true;
+                        return Poll::Ready(Some(Ok(Frame::data(held))));
+                    }
                     this.done(End::Complete);
                     return Poll::Ready(None);
                 }
@@ -178,6 +245,9 @@ where
                             .sleep
                             .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                         if sleep.as_mut().poll(cx).is_ready() {
+                            if let Some(c) = &this.stalls {
+                                c.inc();
+                            }
                             this.done(End::Stalled);
                             return Poll::Ready(Some(Err(Box::new(Stalled(idle)))));
                         }
@@ -189,11 +259,16 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        self.pending.is_none()
+            && (self.ended || (self.transform.is_none() && self.inner.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.transform.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 

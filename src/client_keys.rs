@@ -48,8 +48,9 @@ const SECRET_RANDOM_LEN: usize = 44;
 const CLIENT_ID_SUFFIX_LEN: usize = 25;
 /// A wrong credential is remembered this long.
 const NEGATIVE_TTL: Duration = Duration::from_secs(30);
-/// The longest `Authorization` value looked at; longer ones are malformed.
-const MAX_AUTHORIZATION: usize = 1024;
+/// The longest decoded Basic credential looked at (`client_id@domain:secret`);
+/// longer ones are malformed. Kept small: it lives in the request's state.
+const MAX_CREDENTIAL: usize = 320;
 
 /// Why a credential was refused. Clients see one uniform 401 (or a 429 for the
 /// throttles); this goes to logs, metrics and the audit trail.
@@ -217,7 +218,7 @@ impl KeyStore {
             client_id: client_id.map(str::to_owned),
         };
         let header = header.ok_or_else(|| fail(AuthError::Missing, None))?;
-        let mut decoded = [0u8; MAX_AUTHORIZATION];
+        let mut decoded = [0u8; MAX_CREDENTIAL];
         let presented = parse_authorization(header, &mut decoded)
             .ok_or_else(|| fail(AuthError::Malformed, None))?;
         if let (Some(fixed), Presented::Basic { client_id, secret }) = (&self.fixed, &presented) {

@@ -130,13 +130,37 @@ pub fn authorization_count(headers: &HeaderMap) -> usize {
 
 /// Removes from a client's request every header that must not reach Confluence.
 pub fn strip_request(headers: &mut HeaderMap) {
+    strip_request_but(headers, &[]);
+}
+
+/// `strip_request`, leaving alone headers named exactly as in `kept` (to be
+/// replaced right after: removing them first would be wasted work).
+fn strip_request_but(headers: &mut HeaderMap, kept: &[&HeaderName]) {
     let named = names_more_than_hop_by_hop(headers);
     remove_where(headers, |n, all| {
-        is_hop_by_hop(n)
-            || CLIENT_CREDENTIALS.iter().any(|c| same_name(n, c))
-            || starts_with_name(n, b"x-forwarded-")
-            || (named && connection_names(all, n))
+        !kept.iter().any(|k| k.as_str().as_bytes() == n)
+            && (is_hop_by_hop(n)
+                || CLIENT_CREDENTIALS.iter().any(|c| same_name(n, c))
+                || starts_with_name(n, b"x-forwarded-")
+                || (named && connection_names(all, n)))
     });
+}
+
+/// The client's request headers as Confluence must get them: `strip_request`
+/// then `add_upstream`, without removing what is replaced anyway.
+pub fn to_upstream(headers: &mut HeaderMap, add: &UpstreamHeaders<'_>) {
+    strip_request_but(
+        headers,
+        &[
+            &AUTHORIZATION,
+            &HOST,
+            &X_REQUEST_ID,
+            &FORWARDED,
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+        ],
+    );
+    add_upstream(headers, add);
 }
 
 /// Removes from Confluence's response (headers or trailers) what must not reach a

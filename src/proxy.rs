@@ -179,7 +179,9 @@ impl Proxy {
         ex.path = Some(path.clone());
         let key = self.authenticate(&request, conn, policy, ex).await?;
         let route = self.authorize(&request, &path, &key, policy, ex)?;
-        self.prepare_bypass(route, ex).await?;
+        if route.admin_key {
+            Box::pin(self.prepare_bypass(ex)).await?;
+        }
         let public = rewrite::Public {
             configured: policy.public_origin.as_ref(),
             scheme: conn.info.proto,
@@ -299,10 +301,7 @@ impl Proxy {
     ///    start record durable; otherwise it is refused — never sent without the
     ///    bypass (a scanner would silently miss restricted pages) and never sent
     ///    unrecorded.
-    async fn prepare_bypass(&self, route: &Route, ex: &mut Exchange) -> Result<(), ProxyError> {
-        if !route.admin_key {
-            return Ok(());
-        }
+    async fn prepare_bypass(&self, ex: &mut Exchange) -> Result<(), ProxyError> {
         ex.lease = Some(self.admin_keys.ensure().await?);
         ex.admin_key = true;
         let audit = self.audit.as_ref().ok_or(ProxyError::AuditUnavailable)?;
@@ -402,7 +401,7 @@ impl Proxy {
         let status = parts.status.as_u16();
         let body = crate::body::Guarded::new(body, crate::body::Trailers::Clean)
             .on_end(move |bytes_out, _| audit.record(ex.request_record(Some(status), bytes_out)));
-        Response::from_parts(parts, crate::body::boxed(body))
+        Response::from_parts(parts, crate::body::boxed_as_is(body))
     }
 }
 

@@ -110,9 +110,12 @@ impl Shutdown {
 /// What the server knows about one open connection.
 struct Tracker {
     accepted: Instant,
-    base: Instant,
-    /// Milliseconds after `base` of the last byte read or written.
-    last_active: AtomicU64,
+    /// Bumped when bytes move or a request ends; the watchdog compares it
+    /// between its looks instead of reading the clock on every read.
+    activity: AtomicU64,
+    /// Milliseconds after `accepted` since which the watchdog has seen no
+    /// activity (set by the watchdog only).
+    quiet_since: AtomicU64,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     close: Notify,
@@ -122,8 +125,8 @@ impl Tracker {
     fn new(now: Instant) -> Self {
         Tracker {
             accepted: now,
-            base: now,
-            last_active: AtomicU64::new(0),
+            activity: AtomicU64::new(0),
+            quiet_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             close: Notify::new(),
@@ -131,28 +134,15 @@ impl Tracker {
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_active.store(ms, Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn last_active(&self) -> Instant {
-        self.base + Duration::from_millis(self.last_active.load(Ordering::Relaxed))
+    fn quiet_since(&self) -> Instant {
+        self.accepted + Duration::from_millis(self.quiet_since.load(Ordering::Relaxed))
     }
 
     fn idle(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0
-    }
-
-    /// When this connection is due to be closed if nothing happens, and why.
-    fn deadline(&self, options: &ServeOptions) -> (Instant, &'static str) {
-        if self.requests.load(Ordering::Relaxed) == 0 {
-            (
-                self.accepted + options.header_read_timeout,
-                "header_timeout",
-            )
-        } else {
-            (self.last_active() + options.idle_timeout, "idle")
-        }
     }
 }
 
@@ -163,7 +153,6 @@ impl InFlight {
     fn new(tracker: &Arc<Tracker>) -> Self {
         tracker.requests.fetch_add(1, Ordering::Relaxed);
         tracker.in_flight.fetch_add(1, Ordering::Relaxed);
-        tracker.touch();
         InFlight(Arc::clone(tracker))
     }
 }
@@ -258,7 +247,7 @@ impl Registry {
         let victim = open
             .values()
             .filter(|t| t.idle())
-            .min_by_key(|t| t.last_active().max(t.accepted));
+            .min_by_key(|t| t.quiet_since());
         match victim {
             Some(t) => {
                 t.close.notify_one();
@@ -284,7 +273,8 @@ fn builder(options: &ServeOptions) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
+        // The watchdog times heads (once per connection, not a timer per request).
+        .header_read_timeout(None)
         .max_headers(MAX_HEADERS)
         .max_buf_size(options.max_header_bytes.max(8192));
     builder
@@ -438,13 +428,11 @@ impl<H: Handler> Connection<H> {
             let flight = InFlight::new(&in_service);
             let handler = Arc::clone(&handler);
             let conn = Arc::clone(&conn);
-            let answer: Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> =
-                Box::pin(async move {
-                    let response = handler.call(request, conn).await;
-                    drop(flight);
-                    Ok(response)
-                });
-            answer
+            async move {
+                let response = handler.call(request, conn).await;
+                drop(flight);
+                Ok::<_, Infallible>(response)
+            }
         });
         match tls {
             None => {
@@ -501,21 +489,61 @@ async fn watch_connection<C: Future<Output = O> + Send, O: Send>(
 ) {
     let mut connection = std::pin::pin!(connection);
     let mut draining = false;
+    // The watchdog looks every half idle timeout (or header timeout): a silent
+    // connection is closed between one and one and a half idle timeouts after
+    // its last sign of life, and one that sends bytes without ever completing a
+    // head (slowloris) about one header timeout after it started.
+    let every = (options.idle_timeout / 2)
+        .min(options.header_read_timeout / 2)
+        .max(Duration::from_millis(250));
+    let mut seen = tracker.activity.load(Ordering::Relaxed);
+    let mut seen_requests = 0;
+    let mut quiet_since = tracker.accepted;
+    let mut partial_since: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        // A request in flight is bounded by its own timeouts; look again later.
-        let (deadline, reason) = tracker.deadline(options);
-        let wake = if tracker.idle() {
-            deadline
+        let wake = if tracker.requests.load(Ordering::Relaxed) == 0 {
+            (tracker.accepted + options.header_read_timeout).min(now + every)
         } else {
-            now + options.idle_timeout.max(Duration::from_secs(1))
+            now + every
         };
         tokio::select! {
             _ = connection.as_mut() => return,
             _ = tracker.close.notified() => return,
             _ = tokio::time::sleep_until(wake), if !draining => {
-                if tracker.idle() && Instant::now() >= tracker.deadline(options).0 {
-                    count_closed(options, reason);
+                let now = Instant::now();
+                let activity = tracker.activity.load(Ordering::Relaxed);
+                let requests = tracker.requests.load(Ordering::Relaxed);
+                let moved = activity != seen;
+                let new_request = requests != seen_requests;
+                seen = activity;
+                seen_requests = requests;
+                if moved || !tracker.idle() {
+                    quiet_since = now;
+                    let ms = now.saturating_duration_since(tracker.accepted).as_millis();
+                    tracker
+                        .quiet_since
+                        .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+                }
+                if !tracker.idle() {
+                    partial_since = None;
+                    continue;
+                }
+                // Bytes keep coming, no request comes of them: half a head.
+                partial_since = match (moved && !new_request, partial_since) {
+                    (true, None) => Some(now),
+                    (true, since) => since,
+                    (false, _) => None,
+                };
+                let slow_head = partial_since
+                    .is_some_and(|since| now >= since + options.header_read_timeout);
+                if requests == 0 || slow_head {
+                    if now >= tracker.accepted + options.header_read_timeout || slow_head {
+                        count_closed(options, "header_timeout");
+                        return;
+                    }
+                } else if now >= quiet_since + options.idle_timeout {
+                    count_closed(options, "idle");
                     return;
                 }
             }

@@ -444,3 +444,48 @@ async fn h2c_well_behaved_requests_still_work() {
     assert_eq!(reply.status, 200);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_trickled_byte_by_byte_on_a_keepalive_connection_is_cut() {
+    let h = Harness::start_with(tight_limits()).await;
+    let mut tcp = TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "GET {PAGE} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+        h.reader.basic()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    tcp.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // The next head, one byte every 200ms: never complete, never silent.
+    let started = Instant::now();
+    let trickle =
+        b"GET /wiki HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = false;
+    for byte in trickle {
+        if tcp.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    if !closed {
+        closed = closed_within(&mut tcp, Duration::from_secs(3))
+            .await
+            .is_some();
+    }
+    assert!(
+        closed,
+        "a trickled head kept its connection for {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    h.stop().await;
+}

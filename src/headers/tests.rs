@@ -147,3 +147,60 @@ fn client_request_ids() {
     }
     assert_eq!(new_request_id().len(), 36);
 }
+
+#[test]
+fn to_upstream_is_strip_then_add() {
+    let auth = HeaderValue::from_static("Basic YWRtaW46dG9rZW4=");
+    let host = HeaderValue::from_static("site.example");
+    let rid = HeaderValue::from_static("rid-1");
+    let fwd = ForwardedFor::new("10.1.2.3:4711".parse().unwrap(), "http");
+    let add = |bypass| UpstreamHeaders {
+        authorization: &auth,
+        host: &host,
+        bypass,
+        request_id: &rid,
+        forwarded: &fwd,
+    };
+    let inputs: &[Pairs] = &[
+        &[
+            ("Authorization", "Basic x"),
+            ("Host", "kg"),
+            ("Accept", "*/*"),
+        ],
+        &[
+            ("X-Request-Id", "a"),
+            ("x_request_id", "b"),
+            ("Forwarded", "for=1"),
+        ],
+        &[
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("X-Forwarded-Host", "e"),
+        ],
+        &[
+            ("Connection", "authorization, x-custom"),
+            ("X-Custom", "1"),
+            ("Atl-Confluence-With-Admin-Key", "true"),
+        ],
+        &[
+            ("atl_confluence_with_admin_key", "true"),
+            ("Cookie", "a=b"),
+            ("TE", "trailers"),
+        ],
+    ];
+    for input in inputs {
+        for bypass in [false, true] {
+            let mut a = map(input);
+            strip_request(&mut a);
+            add_upstream(&mut a, &add(bypass));
+            let mut b = map(input);
+            to_upstream(&mut b, &add(bypass));
+            let dump = |h: &HeaderMap| {
+                let mut v: Vec<String> = h.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(dump(&a), dump(&b), "{input:?} bypass={bypass}");
+        }
+    }
+}

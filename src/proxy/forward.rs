@@ -5,7 +5,7 @@ use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGT
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 
-use super::rewrite::{Public, Rewritten};
+use super::rewrite::Public;
 use super::{Exchange, Policy, Proxy, ProxyConn};
 use crate::body::{self, Body, Guarded, Trailers};
 use crate::error::ProxyError;
@@ -23,8 +23,7 @@ pub(super) async fn send(
     ex: &Exchange,
 ) -> Result<Response<Incoming>, ProxyError> {
     let (mut parts, incoming) = request.into_parts();
-    headers::strip_request(&mut parts.headers);
-    headers::add_upstream(
+    headers::to_upstream(
         &mut parts.headers,
         &UpstreamHeaders {
             authorization: &policy.admin_authorization,
@@ -45,16 +44,11 @@ pub(super) async fn send(
         .uri(path.as_str(), parts.uri.query())
         .map_err(|_| ProxyError::BadPath(PathError::InvalidCharacter))?;
     parts.version = Version::HTTP_11;
-    let metrics = std::sync::Arc::clone(&proxy.metrics);
     let body = Guarded::new(incoming, Trailers::Drop)
         .counting(std::sync::Arc::clone(&ex.bytes_in))
         .idle_timeout(policy.body_idle_timeout)
-        .on_end(move |_, how| {
-            if how == body::End::Stalled {
-                metrics.body_idle_timeouts.inc();
-            }
-        });
-    let upstream_request = Request::from_parts(parts, body::boxed(body));
+        .counting_stalls(&proxy.metrics.body_idle_timeouts);
+    let upstream_request = Request::from_parts(parts, body::boxed_as_is(body));
     let sent = std::time::Instant::now();
     let response = proxy
         .upstream
@@ -85,14 +79,9 @@ pub(super) fn clean_response(
         .headers
         .insert(X_REQUEST_ID.clone(), ex.request_id.clone());
     proxy.site.rewrite_headers(&mut parts.headers, public);
-    let metrics = std::sync::Arc::clone(&proxy.metrics);
     let guarded = Guarded::new(incoming, Trailers::Clean)
         .idle_timeout(policy.body_idle_timeout)
-        .on_end(move |_, how| {
-            if how == body::End::Stalled {
-                metrics.body_idle_timeouts.inc();
-            }
-        });
+        .counting_stalls(&proxy.metrics.body_idle_timeouts);
     let rewrite = policy.rewrite_json
         && ex.method != Method::HEAD
         && is_plain_json(&parts.headers)
@@ -100,12 +89,9 @@ pub(super) fn clean_response(
     let body = if rewrite {
         // The length changes with the rewrite: the body goes chunked.
         parts.headers.remove(CONTENT_LENGTH);
-        body::boxed(Rewritten::new(
-            guarded,
-            proxy.site.json_rewriter(public.resolve()),
-        ))
+        body::boxed_as_is(guarded.transforming(proxy.site.json_rewriter(public.resolve())))
     } else {
-        body::boxed(guarded)
+        body::boxed_as_is(guarded)
     };
     Response::from_parts(parts, body)
 }

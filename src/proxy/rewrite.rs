@@ -13,17 +13,12 @@
 //! URLs become origin-relative (`/wiki/...`), which every client resolves against
 //! the URL it asked keygate for.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, CONTENT_LOCATION, HOST, LINK, LOCATION};
 use http::{HeaderMap, Request};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use memchr::memmem::Finder;
-
-use crate::body::BoxError;
 
 /// One spelling of the site's origin in a body, with its searcher built once.
 #[derive(Debug)]
@@ -348,85 +343,16 @@ impl Replacer {
     }
 }
 
-/// A body with the site's origin rewritten in its data.
-pub(super) struct Rewritten<B> {
-    inner: B,
-    replacer: Replacer,
-    /// Trailers held while the data held back is flushed.
-    pending: Option<Frame<Bytes>>,
-    done: bool,
-}
-
-impl<B> Rewritten<B> {
-    pub(super) fn new(inner: B, replacer: Replacer) -> Self {
-        Rewritten {
-            inner,
-            replacer,
-            pending: None,
-            done: false,
-        }
-    }
-}
-
-impl<B> HttpBody for Rewritten<B>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if let Some(frame) = this.pending.take() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        if this.done {
-            return Poll::Ready(None);
-        }
-        loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        let out = this.replacer.push_bytes(data, false);
-                        if out.is_empty() {
-                            continue;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
-                    }
-                    Err(other) => {
-                        // Trailers end the data: flush what was held back first.
-                        let rest = this.replacer.push(&[], true);
-                        if rest.is_empty() {
-                            return Poll::Ready(Some(Ok(other)));
-                        }
-                        this.pending = Some(other);
-                        return Poll::Ready(Some(Ok(Frame::data(rest))));
-                    }
-                },
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => {
-                    this.done = true;
-                    let rest = this.replacer.push(&[], true);
-                    if rest.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(rest))));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+impl crate::body::Transform for Replacer {
+    fn data(&mut self, data: Bytes) -> Bytes {
+        self.push_bytes(data, false)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+    fn finish(&mut self) -> Bytes {
+        if self.carry.is_empty() {
+            return Bytes::new();
+        }
+        self.push(&[], true)
     }
 }
 
