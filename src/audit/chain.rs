@@ -113,6 +113,11 @@ pub fn check_line(line: &str) -> Result<Checked, LineError> {
         return Err(LineError::NoHash);
     }
     let cut = line.len() - HASH_SUFFIX_LEN;
+    // A hostile line may put a multi-byte character where the suffix should
+    // start: that is not a hash suffix, and slicing there would panic.
+    if !line.is_char_boundary(cut) {
+        return Err(LineError::NoHash);
+    }
     let suffix = &line[cut..];
     if !suffix.starts_with(r#","hash":""#) {
         return Err(LineError::NoHash);
@@ -145,6 +150,20 @@ pub fn check_line(line: &str) -> Result<Checked, LineError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multibyte_character_where_the_suffix_would_start_is_not_a_hash() {
+        // Found by the audit_verify fuzz target: the cut fell inside a
+        // two-byte character and slicing panicked.
+        for pad in 0..4 {
+            let line = format!(
+                "{{\"seq\":1,\"x\":\"{}{}\"}}",
+                "a".repeat(pad),
+                "\u{b0}".repeat(60)
+            );
+            assert_eq!(check_line(&line), Err(LineError::NoHash), "{line}");
+        }
+    }
 
     #[test]
     fn encoded_lines_check_out_and_any_edit_breaks_them() {
