@@ -3,8 +3,9 @@
 //! An attacker who knows a client_id (client_ids appear in logs) can make every
 //! request cost a full argon2id run. So:
 //! - verifications run on a fixed set of worker threads (half the cores, at least
-//!   one), each with one argon2 memory buffer it reuses, so memory is bounded by
-//!   the number of workers; at most `QUEUE` wait; beyond, `Busy` (429) without
+//!   one), each with one argon2 memory buffer it reuses while verifications keep
+//!   coming (and frees after two idle seconds), so memory is bounded by the
+//!   number of workers; at most `QUEUE` wait; beyond, `Busy` (429) without
 //!   hashing;
 //! - wrong secrets are budgeted per source address and per client_id (token
 //!   buckets); a source or client over its budget gets `Throttled` (429) without
@@ -17,7 +18,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -26,6 +28,9 @@ use super::{ApiKey, AuthError};
 
 /// Verifications that may wait for a worker.
 const QUEUE: usize = 16;
+/// A worker idle this long gives its argon2 buffer back (19 MiB with the
+/// default parameters): a flood keeps it, a quiet proxy does not hold it.
+const KEEP_MEMORY: Duration = Duration::from_secs(2);
 /// Failed verifications per source address: burst, then per second.
 const SOURCE_BUDGET: (f64, f64) = (20.0, 5.0);
 /// Failed verifications per client_id: burst, then per second.
@@ -107,10 +112,17 @@ struct Job {
     done: oneshot::Sender<bool>,
 }
 
+/// The jobs waiting for a worker; `closed` once the verifier is gone.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
 /// See the module doc.
 pub struct Verifier {
     runs: Arc<AtomicU64>,
-    jobs: mpsc::SyncSender<Job>,
+    queue: Arc<Queue>,
     sources: Buckets<IpAddr>,
     clients: Buckets<String>,
 }
@@ -125,8 +137,7 @@ impl Default for Verifier {
 impl Verifier {
     /// Starts `workers` verification threads; they end when the verifier does.
     pub fn with_workers(workers: usize) -> Self {
-        let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
-        let queue = Arc::new(Mutex::new(queue));
+        let queue = Arc::new(Queue::default());
         let runs = Arc::new(AtomicU64::new(0));
         for n in 0..workers {
             let (queue, runs) = (Arc::clone(&queue), Arc::clone(&runs));
@@ -139,7 +150,7 @@ impl Verifier {
         }
         Verifier {
             runs,
-            jobs,
+            queue,
             sources: Buckets::new(SOURCE_BUDGET),
             clients: Buckets::new(CLIENT_BUDGET),
         }
@@ -189,20 +200,54 @@ impl Verifier {
             phc: key.secret_hash.clone(),
             done,
         };
-        self.jobs.try_send(job).map_err(|_| AuthError::Busy)?;
+        {
+            let mut jobs = self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if jobs.0.len() >= QUEUE {
+                return Err(AuthError::Busy);
+            }
+            jobs.0.push_back(job);
+        }
+        self.queue.ready.notify_one();
         answer.await.map_err(|_| AuthError::Busy)
     }
 }
 
-/// A worker: one memory buffer, reused for every verification.
-fn work(queue: &Mutex<mpsc::Receiver<Job>>, runs: &AtomicU64) {
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.queue.ready.notify_all();
+    }
+}
+
+/// A worker: one memory buffer, reused while verifications keep coming and
+/// released after `KEEP_MEMORY` without one.
+fn work(queue: &Queue, runs: &AtomicU64) {
     let mut memory: Vec<argon2::Block> = Vec::new();
     loop {
         let job = {
-            let queue = queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.recv()
+            let mut jobs = queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(job) = jobs.0.pop_front() {
+                    break Some(job);
+                }
+                if jobs.1 {
+                    break None;
+                }
+                if memory.is_empty() {
+                    jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                let (guard, waited) = queue
+                    .ready
+                    .wait_timeout(jobs, KEEP_MEMORY)
+                    .unwrap_or_else(|p| p.into_inner());
+                jobs = guard;
+                if waited.timed_out() && jobs.0.is_empty() {
+                    memory = Vec::new();
+                }
+            }
         };
-        let Ok(job) = job else { return };
+        let Some(job) = job else { return };
         runs.fetch_add(1, Ordering::Relaxed);
         let ok = verify_with(&job.secret, &job.phc, &mut memory);
         let _ = job.done.send(ok);
