@@ -28,6 +28,7 @@ use crate::ops::{Change, KeyChangeGuard, OpsHandler, OpsHost};
 use crate::proxy::{Parts, Policy, Proxy, ProxyHandler, Site};
 use crate::readiness::Readiness;
 use crate::server::{self, ServeOptions};
+use crate::state::{Db, DbError};
 use crate::tls;
 pub use generation::Generation;
 
@@ -40,6 +41,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("cannot start the audit writer: {0}")]
     Audit(std::io::Error),
+    #[error("state.postgres: {0}")]
+    Database(#[from] DbError),
     #[error("cannot listen on {address} ({field}): {source}")]
     Bind {
         field: &'static str,
@@ -59,6 +62,8 @@ struct Shared {
     audit: Option<Audit>,
     cert: Option<Arc<tls::ReloadingCert>>,
     credential: Arc<ArcSwap<AdminCredential>>,
+    /// The shared state of cluster mode.
+    db: Option<Arc<Db>>,
     /// Held by every reload and by key changes (so each is recorded under the
     /// caller that made it, and generations are stored in the order read).
     reload_lock: Arc<Mutex<()>>,
@@ -114,6 +119,24 @@ impl Control {
         self.reload_locked(trigger, None).await
     }
 
+    /// Re-reads the keys alone (cluster mode: another replica or `keygate keys`
+    /// changed them, and recorded the change). A failed read keeps the keys in
+    /// force.
+    pub async fn reload_keys(&self) -> Result<(), crate::client_keys::edit::KeysError> {
+        let _guard = self.shared.reload_lock.lock().await;
+        let generation = self.generation();
+        let keys = generation.key_backend().load().await?;
+        let store = crate::client_keys::KeyStore::new(
+            keys,
+            generation.config.clients.verify_cache_ttl,
+            Arc::clone(&self.shared.verifier),
+        );
+        let policy = generation.policy_with_keys(store, &self.shared.metrics);
+        tracing::info!(keys = policy.keys.len(), "keys reloaded from the database");
+        self.shared.proxy.policy.store(Arc::new(policy));
+        Ok(())
+    }
+
     /// A reload while holding the lock; `recorded` are key changes already
     /// written to the trail (by the key API), so they are not recorded again.
     async fn reload_locked(
@@ -135,7 +158,15 @@ impl Control {
             .map_err(|e| ConfigErrors::single(&old.config.file, "", format!("reload failed: {e}")))
             .and_then(|r| r);
         let built = match loaded {
-            Ok(config) => Generation::build(config, &shared.verifier, &shared.metrics).await,
+            Ok(config) => {
+                Generation::build(
+                    config,
+                    &shared.verifier,
+                    &shared.metrics,
+                    shared.db.as_ref(),
+                )
+                .await
+            }
             Err(e) => Err(e),
         };
         match built {
@@ -287,7 +318,15 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::default());
         let verifier = Arc::new(Verifier::default());
-        let (generation, policy) = Generation::build(config, &verifier, &metrics).await?;
+        let db = match &config.state {
+            Some(crate::config::StateSettings {
+                replica,
+                postgres: Some(pg),
+            }) => Some(open_database(&config, pg, replica).await?),
+            _ => None,
+        };
+        let (generation, policy) =
+            Generation::build(config, &verifier, &metrics, db.as_ref()).await?;
         let config = &generation.config;
         let upstream = Upstream::new(&config.confluence)?;
         let cert = match &config.listen.tls {
@@ -314,6 +353,37 @@ impl App {
             metrics: Some(Arc::clone(&metrics)),
         };
         let (audit, audit_thread) = match config.audit.clone() {
+            Some(settings) if settings.sink == crate::config::AuditSink::Database => {
+                let db = db.clone().ok_or_else(|| {
+                    StartError::Audit(std::io::Error::other("no database for the audit trail"))
+                })?;
+                let (readiness, metrics, replica) = (
+                    Arc::clone(&readiness),
+                    Arc::clone(&metrics),
+                    generation.replica(),
+                );
+                let started = tokio::task::spawn_blocking(move || {
+                    Audit::start_on(settings, readiness, metrics, |shared| {
+                        crate::state::audit::PgSink::open(db, replica, shared).map(
+                            |(sink, next)| {
+                                let sink: Box<dyn crate::audit::writer::Sink> = Box::new(sink);
+                                (
+                                    sink,
+                                    Recovery {
+                                        torn_bytes: None,
+                                        next_seq: next,
+                                    },
+                                )
+                            },
+                        )
+                    })
+                })
+                .await
+                .map_err(|e| StartError::Audit(std::io::Error::other(e.to_string())))?
+                .map_err(|e| StartError::Audit(std::io::Error::other(e.to_string())))?;
+                let (audit, thread, recovery) = started;
+                (Some(audit), Some((thread, recovery)))
+            }
             Some(settings) => {
                 let (audit, thread, recovery) =
                     Audit::start(settings, Arc::clone(&readiness), Arc::clone(&metrics))
@@ -367,6 +437,7 @@ impl App {
                     audit,
                     cert,
                     credential,
+                    db,
                     reload_lock: Arc::default(),
                 }),
             },
@@ -428,6 +499,13 @@ impl App {
             ));
         }
         tasks.spawn(reload::watch(self.control.clone(), stop.clone()));
+        if let Some(db) = shared.db.clone() {
+            tasks.spawn(reload::watch_database_keys(
+                self.control.clone(),
+                db,
+                stop.clone(),
+            ));
+        }
         tasks.spawn(ticks(Arc::clone(&shared), stop.clone()));
         shutdown.await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
@@ -446,6 +524,33 @@ impl App {
             log.flush(Duration::from_secs(2));
         }
     }
+}
+
+/// Connects to the database and brings its schema to this version (or, with
+/// `apply_migrations: false`, refuses a schema that is not).
+async fn open_database(
+    config: &Config,
+    pg: &crate::config::PostgresSettings,
+    replica: &str,
+) -> Result<Arc<Db>, StartError> {
+    let url = pg
+        .url
+        .resolve(&config.file, &crate::config::process_env)
+        .map_err(|e| StartError::Config(ConfigErrors(vec![e])))?;
+    let db = Db::new(pg, &url, replica)?;
+    let mut client = db.connect().await?;
+    if pg.apply_migrations {
+        for m in crate::state::migrate::migrate(&mut client).await? {
+            tracing::info!(
+                version = m.version,
+                description = m.description,
+                "database schema migrated"
+            );
+        }
+    } else {
+        crate::state::migrate::check(&client).await?;
+    }
+    Ok(db)
 }
 
 /// The audit writer's periodic work every second, and the summaries of

@@ -15,6 +15,7 @@
 pub mod chain;
 pub mod file;
 pub mod record;
+pub mod search;
 pub mod verify;
 pub mod writer;
 
@@ -47,6 +48,15 @@ pub enum AuditError {
     Closed,
 }
 
+/// Why a writer on a caller's sink did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError<E> {
+    #[error("{0}")]
+    Open(E),
+    #[error("cannot start the audit writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// State the writer reports into: metrics, readiness, and a log line per change.
 pub struct Shared {
     readiness: Arc<Readiness>,
@@ -73,7 +83,7 @@ impl Shared {
         })
     }
 
-    fn failed(&self, why: &str) {
+    pub(crate) fn failed(&self, why: &str) {
         self.metrics.audit_errors.inc();
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(error = %why, "the audit trail cannot be written: bypass requests are refused until it can");
@@ -84,7 +94,7 @@ impl Shared {
         );
     }
 
-    fn written(&self, records: u64) {
+    pub(crate) fn written(&self, records: u64) {
         self.metrics.audit_records.inc_by(records);
         if self.failed.swap(false, Ordering::AcqRel) {
             tracing::info!("the audit trail is writable again");
@@ -92,7 +102,7 @@ impl Shared {
         }
     }
 
-    fn synced(&self, took: Duration) {
+    pub(crate) fn synced(&self, took: Duration) {
         self.metrics.audit_fsyncs.inc();
         self.metrics.audit_fsync_seconds.observe(took.as_secs_f64());
     }
@@ -116,7 +126,7 @@ impl Shared {
         }
     }
 
-    fn settings(&self) -> Arc<AuditSettings> {
+    pub(crate) fn settings(&self) -> Arc<AuditSettings> {
         self.live.load_full()
     }
 
@@ -156,14 +166,20 @@ impl Audit {
         Ok((Audit { tx, shared }, AuditThread(handle), recovery))
     }
 
-    /// A handle over a writer started elsewhere (the database sink).
-    pub fn with_writer(shared: Arc<Shared>, tx: mpsc::Sender<Job>) -> Audit {
-        Audit { tx, shared }
-    }
-
-    /// A channel for a writer started elsewhere.
-    pub fn channel() -> (mpsc::Sender<Job>, mpsc::Receiver<Job>) {
-        mpsc::channel(QUEUE)
+    /// Starts the writer on a sink the caller opens with the writer's shared
+    /// state (the database's).
+    pub fn start_on<E>(
+        settings: AuditSettings,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+        open: impl FnOnce(Arc<Shared>) -> Result<(Box<dyn writer::Sink>, Recovery), E>,
+    ) -> Result<(Audit, AuditThread, Recovery), StartError<E>> {
+        let shared = Shared::new(settings, readiness, metrics);
+        let (sink, recovery) = open(Arc::clone(&shared)).map_err(StartError::Open)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let handle =
+            writer::start_with(sink, Arc::clone(&shared), rx).map_err(StartError::Thread)?;
+        Ok((Audit { tx, shared }, AuditThread(handle), recovery))
     }
 
     /// Whether requests without the bypass are recorded too.

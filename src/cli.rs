@@ -3,6 +3,7 @@
 //! 0 success, 1 invalid input or a failed check, 2 usage errors.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod cluster;
 mod explain;
 
 use std::io::IsTerminal as _;
@@ -63,10 +64,16 @@ enum Command {
         #[arg(long)]
         probe: bool,
     },
-    /// Manage API access keys in the keys file the configuration names.
+    /// Manage API access keys: in the keys file the configuration names, or in
+    /// the database with `state.postgres`.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// The database of cluster mode (`state.postgres`).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
     },
     /// The audit trail.
     Audit {
@@ -92,10 +99,78 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain of audit files (in any order) or of a directory of them.
+    /// Check the hash chain of audit files (in any order) or of a directory of
+    /// them; with --postgres, the chain in the configuration's database.
     Verify {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "postgres")]
         paths: Vec<PathBuf>,
+        /// Verify the trail in the database of --config (state.postgres).
+        #[arg(long, conflicts_with = "paths")]
+        postgres: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Write the database's trail as JSON Lines, byte for byte as hashed (what
+    /// `audit verify FILE` checks).
+    Export {
+        /// Start at this seq (default: the first record kept).
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Find records: who made which requests. Reads the files given, or the
+    /// trail of --config (its audit files, or its database).
+    Search {
+        /// Audit files or directories (default: the trail of --config).
+        paths: Vec<PathBuf>,
+        /// Records of this client_id.
+        #[arg(long)]
+        client: Option<String>,
+        /// Records whose path starts with this.
+        #[arg(long)]
+        path_prefix: Option<String>,
+        /// Records of this route (by name).
+        #[arg(long)]
+        route: Option<String>,
+        /// Records of this event (request, auth_failure, key_management, ...).
+        #[arg(long)]
+        event: Option<String>,
+        /// From this time (RFC 3339, like 2026-11-29T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only requests made with the admin key (the bypass).
+        #[arg(long)]
+        bypass: bool,
+        /// At most this many records.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Print the records as JSON Lines (as stored) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Apply the schema migrations the database lacks (keygate applies them at
+    /// start unless `state.postgres.apply_migrations: false`).
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the database's schema version and what this keygate needs.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -133,6 +208,14 @@ enum KeysCommand {
     /// Mark a key invalid; it stops working at the next reload.
     Revoke {
         client_id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Cluster mode: copy every key of a keys file into the database (all or
+    /// none: a client_id or id already there refuses the import).
+    Import {
+        /// The keys file to import.
+        file: PathBuf,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -181,17 +264,84 @@ fn dispatch(command: Command) -> ExitCode {
             config,
             json,
         } => explain(&config.config, &method, &path, client_id.as_deref(), json),
-        Command::Keys { command } => crate::client_keys::cli::run(command.into()),
+        Command::Keys { command } => {
+            let (config, action) = command.into_action();
+            cluster::keys(&config, action)
+        }
+        Command::Db {
+            command: DbCommand::Migrate { config },
+        } => cluster::migrate(&config.config),
+        Command::Db {
+            command: DbCommand::Status { config },
+        } => cluster::status(&config.config),
         Command::Audit {
-            command: AuditCommand::Verify { paths },
+            command:
+                AuditCommand::Verify {
+                    postgres: true,
+                    config,
+                    ..
+                },
+        } => cluster::audit_verify(&config.config),
+        Command::Audit {
+            command: AuditCommand::Verify { paths, .. },
         } => audit_verify(&paths),
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    from_seq,
+                    out,
+                    config,
+                },
+        } => cluster::audit_export(&config.config, from_seq, out.as_deref()),
+        Command::Audit {
+            command:
+                AuditCommand::Search {
+                    paths,
+                    client,
+                    path_prefix,
+                    route,
+                    event,
+                    since,
+                    until,
+                    bypass,
+                    limit,
+                    json,
+                    config,
+                },
+        } => {
+            let time = |field: &str, value: Option<String>| {
+                value
+                    .map(|v| {
+                        crate::rfc3339::parse(&v)
+                            .map_err(|e| format!("--{field} {v}: expected RFC 3339 ({e})"))
+                    })
+                    .transpose()
+            };
+            let filter = match (time("since", since), time("until", until)) {
+                (Ok(since), Ok(until)) => crate::audit::search::Filter {
+                    client_id: client,
+                    path_prefix,
+                    route,
+                    event,
+                    since,
+                    until,
+                    bypass,
+                },
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            cluster::audit_search(&config.config, &paths, &filter, limit, json)
+        }
     }
 }
 
-impl From<KeysCommand> for crate::client_keys::cli::KeysAction {
-    fn from(c: KeysCommand) -> Self {
+impl KeysCommand {
+    /// The configuration file and what to do.
+    fn into_action(self) -> (PathBuf, crate::client_keys::cli::KeysAction) {
         use crate::client_keys::cli::KeysAction as A;
-        match c {
+        match self {
             KeysCommand::Create {
                 name,
                 roles,
@@ -199,33 +349,32 @@ impl From<KeysCommand> for crate::client_keys::cli::KeysAction {
                 secret_stdin,
                 config,
                 json,
-            } => A::Create {
-                config: config.config,
-                name,
-                roles,
-                expires,
-                secret_stdin,
-                json,
-            },
-            KeysCommand::List { config, json } => A::List {
-                config: config.config,
-                json,
-            },
-            KeysCommand::Revoke { client_id, config } => A::Revoke {
-                config: config.config,
-                client_id,
-            },
+            } => (
+                config.config,
+                A::Create {
+                    name,
+                    roles,
+                    expires,
+                    secret_stdin,
+                    json,
+                },
+            ),
+            KeysCommand::List { config, json } => (config.config, A::List { json }),
+            KeysCommand::Revoke { client_id, config } => (config.config, A::Revoke { client_id }),
+            KeysCommand::Import { file, config } => (config.config, A::Import { file }),
             KeysCommand::Regenerate {
                 client_id,
                 secret_stdin,
                 config,
                 json,
-            } => A::Regenerate {
-                config: config.config,
-                client_id,
-                secret_stdin,
-                json,
-            },
+            } => (
+                config.config,
+                A::Regenerate {
+                    client_id,
+                    secret_stdin,
+                    json,
+                },
+            ),
         }
     }
 }
@@ -343,11 +492,16 @@ fn check(path: &Path, json: bool, probe: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let keys = match crate::client_keys::file::read(&config.clients.keys_file) {
-        Ok((_, keys)) => keys,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return ExitCode::from(1);
+    let in_database = config.clients.keys_file.as_os_str().is_empty();
+    let keys = if in_database {
+        Vec::new()
+    } else {
+        match crate::client_keys::file::read(&config.clients.keys_file) {
+            Ok((_, keys)) => keys,
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::from(1);
+            }
         }
     };
     let now = SystemTime::now();
@@ -386,6 +540,14 @@ fn check(path: &Path, json: bool, probe: bool) -> ExitCode {
         print!("{}", summary(path, &config, keys.len(), usable));
     }
     if probe {
+        match cluster::probe_database(&config) {
+            Ok(Some(found)) => println!("{found}"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        }
         return probe_site(config, secrets);
     }
     ExitCode::SUCCESS
@@ -463,16 +625,24 @@ fn summary(path: &Path, config: &Config, keys: usize, usable: usize) -> String {
         format_duration(a.refresh_before),
         a.disable_on_shutdown
     );
-    let _ = writeln!(
-        s,
-        "  keys        {}: {keys} keys, {usable} usable",
-        config.clients.keys_file.display()
-    );
+    if config.clients.keys_file.as_os_str().is_empty() {
+        let _ = writeln!(
+            s,
+            "  keys        in the database (state.postgres); `check --probe` counts them"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "  keys        {}: {keys} keys, {usable} usable",
+            config.clients.keys_file.display()
+        );
+    }
     match &config.audit {
         Some(audit) => {
             let sink = match &audit.sink {
                 AuditSink::Stdout => "standard output".to_owned(),
                 AuditSink::File(p) => p.display().to_string(),
+                AuditSink::Database => "the database (state.postgres)".to_owned(),
             };
             let _ = writeln!(
                 s,

@@ -123,6 +123,9 @@ pub struct PostgresSettings {
     pub ca_file: Option<PathBuf>,
     pub pool_size: u32,
     pub statement_timeout: Duration,
+    /// Apply missing schema migrations at start (else refuse to start until
+    /// `keygate db migrate` has run).
+    pub apply_migrations: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +202,8 @@ pub struct Clients {
 pub enum AuditSink {
     File(PathBuf),
     Stdout,
+    /// The `keygate_audit` table of `state.postgres`.
+    Database,
 }
 
 #[derive(Debug, Clone)]
@@ -486,9 +491,18 @@ pub fn validate(raw: RawConfig, file: &Path, env: &Env) -> Result<Config, Config
     });
     let confluence = validate_confluence(&mut c, &raw.confluence);
     let admin_key = validate_admin_key(&mut c, &raw.admin_key);
+    let state = raw.state.as_ref().map(|st| validate_state(&mut c, st));
+    let database = state.as_ref().is_some_and(|s| s.postgres.is_some());
+    if database && raw.clients.keys_file.is_some() {
+        c.error(
+            "clients.keys_file",
+            "expected no keys file with state.postgres: keys live in the database (move a file in with `keygate keys import FILE`)",
+        );
+    }
     let clients = Clients {
         keys_file: match &raw.clients.keys_file {
             Some(p) => c.path("clients.keys_file", p).unwrap_or_default(),
+            None if database => PathBuf::new(),
             None => c.base_dir.join("keys.yaml"),
         },
         verify_cache_ttl: c.duration(
@@ -498,7 +512,12 @@ pub fn validate(raw: RawConfig, file: &Path, env: &Env) -> Result<Config, Config
         ),
     };
     let routes = validate_routes(&mut c, &raw.routes);
-    let audit = raw.audit.as_ref().map(|a| validate_audit(&mut c, a));
+    let audit = match (&raw.audit, database) {
+        (Some(a), _) => Some(validate_audit(&mut c, a, database)),
+        // With the database, the trail is always kept.
+        (None, true) => Some(validate_audit(&mut c, &raw::RawAudit::default(), true)),
+        (None, false) => None,
+    };
     if audit.is_none() && routes.any_bypass() {
         c.error(
             "audit",
@@ -506,7 +525,6 @@ pub fn validate(raw: RawConfig, file: &Path, env: &Env) -> Result<Config, Config
         );
     }
     let limits = validate_limits(&mut c, &raw.limits);
-    let state = raw.state.as_ref().map(|st| validate_state(&mut c, st));
 
     if !c.errors.is_empty() {
         return Err(ConfigErrors(c.errors));
@@ -572,6 +590,7 @@ fn validate_state(c: &mut Check<'_>, raw: &raw::RawState) -> StateSettings {
             ca_file,
             pool_size,
             statement_timeout,
+            apply_migrations: pg.apply_migrations.unwrap_or(true),
         }
     });
     StateSettings { replica, postgres }
@@ -868,11 +887,25 @@ fn validate_routes(c: &mut Check<'_>, raw: &[raw::RawRoute]) -> RouteTable {
     RouteTable::new(routes)
 }
 
-fn validate_audit(c: &mut Check<'_>, raw: &raw::RawAudit) -> AuditSettings {
-    let sink = match c.non_empty("audit.path", &raw.path, "a file path or \"-\"") {
-        Some(p) if p == "-" => AuditSink::Stdout,
-        Some(p) => AuditSink::File(c.base_dir.join(p)),
-        None => AuditSink::Stdout,
+fn validate_audit(c: &mut Check<'_>, raw: &raw::RawAudit, database: bool) -> AuditSettings {
+    let sink = match (&raw.path, database) {
+        (None, true) => AuditSink::Database,
+        (Some(_), true) => {
+            c.error(
+                "audit.path",
+                "expected no path with state.postgres: the trail is kept in the database",
+            );
+            AuditSink::Database
+        }
+        (None, false) => {
+            c.error("audit.path", "expected a file path or \"-\"");
+            AuditSink::Stdout
+        }
+        (Some(p), false) => match c.non_empty("audit.path", p, "a file path or \"-\"") {
+            Some(p) if p == "-" => AuditSink::Stdout,
+            Some(p) => AuditSink::File(c.base_dir.join(p)),
+            None => AuditSink::Stdout,
+        },
     };
     let rotate_size = c.size("audit.rotate_size", raw.rotate_size.as_deref(), 100 << 20);
     if rotate_size < 4096 {

@@ -54,6 +54,8 @@ pub enum ProxyError {
     KeysFileReadOnly,
     #[error("the keys file could not be changed")]
     KeysFileError,
+    #[error("the key store is unavailable")]
+    KeyStoreUnavailable,
 }
 
 impl ProxyError {
@@ -76,9 +78,9 @@ impl ProxyError {
             | ProxyError::UpstreamCredentialsRejected
             | ProxyError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::AdminKeyUnavailable { .. } | ProxyError::AuditUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::AdminKeyUnavailable { .. }
+            | ProxyError::AuditUnavailable
+            | ProxyError::KeyStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -104,6 +106,7 @@ impl ProxyError {
             ProxyError::UpstreamProtocol => "upstream_protocol",
             ProxyError::AdminKeyUnavailable { .. } => "admin_key_unavailable",
             ProxyError::AuditUnavailable => "audit_unavailable",
+            ProxyError::KeyStoreUnavailable => "key_store_unavailable",
         }
     }
 
@@ -154,6 +157,9 @@ impl ProxyError {
             ProxyError::AuditUnavailable => {
                 "the audit trail cannot be written, so bypass requests are refused".to_owned()
             }
+            ProxyError::KeyStoreUnavailable => {
+                "the key store (database) cannot be reached; retry later (list the keys to see whether a change was made)".to_owned()
+            }
         }
     }
 
@@ -163,7 +169,9 @@ impl ProxyError {
             | ProxyError::RateLimited { retry_after }
             | ProxyError::AuthThrottled { retry_after }
             | ProxyError::UpstreamBackoff { retry_after } => Some(*retry_after),
-            ProxyError::AuditUnavailable => Some(Duration::from_secs(5)),
+            ProxyError::AuditUnavailable | ProxyError::KeyStoreUnavailable => {
+                Some(Duration::from_secs(5))
+            }
             _ => None,
         }
     }

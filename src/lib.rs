@@ -38,6 +38,7 @@ pub mod readiness;
 pub mod rfc3339;
 pub mod route;
 pub mod server;
+pub mod state;
 pub mod tls;
 
 pub use app::{termination_signal, App, Control, StartError};

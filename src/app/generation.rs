@@ -15,10 +15,14 @@ use crate::config::{Config, ConfigErrors, Secrets};
 use crate::confluence::{self, AdminCredential};
 use crate::metrics::Metrics;
 use crate::proxy::{next_generation, Policy};
+use crate::state::keys::PgKeys;
+use crate::state::Db;
 
 pub struct Generation {
     pub config: Config,
     pub secrets: Secrets,
+    /// Where the keys live: the keys file, or the database in cluster mode.
+    keys: Arc<dyn KeyBackend>,
     /// The config, keys and certificate files as they were when this generation
     /// was read.
     pub loaded_files: Fingerprint,
@@ -32,18 +36,25 @@ pub(super) struct KeyChange {
 }
 
 impl Generation {
-    /// Validates secrets, reads the keys and builds the proxy's policy.
+    /// Validates secrets, reads the keys (from `database` in cluster mode, else
+    /// from the keys file) and builds the proxy's policy.
     pub async fn build(
         config: Config,
         verifier: &Arc<Verifier>,
         metrics: &Metrics,
+        database: Option<&Arc<Db>>,
     ) -> Result<(Generation, Policy), ConfigErrors> {
         // Taken before anything is read: a change racing the read is seen next poll.
         let loaded_files = fingerprint(&watched_files(&config));
         let secrets = config.secrets()?;
+        let keys: Arc<dyn KeyBackend> = match database {
+            Some(db) => Arc::new(PgKeys::new(Arc::clone(db))),
+            None => Arc::new(FileKeys::new(&config.clients.keys_file)),
+        };
         let generation = Generation {
             config,
             secrets,
+            keys,
             loaded_files,
         };
         let keys = generation
@@ -85,7 +96,7 @@ impl Generation {
 
     /// Where this generation's keys live.
     pub fn key_backend(&self) -> Arc<dyn KeyBackend> {
-        Arc::new(FileKeys::new(&self.config.clients.keys_file))
+        Arc::clone(&self.keys)
     }
 
     pub fn credential(&self) -> AdminCredential {
@@ -142,7 +153,11 @@ impl Generation {
 
 /// The files whose changes trigger a reload.
 pub(super) fn watched_files(config: &Config) -> Vec<PathBuf> {
-    let mut files = vec![config.file.clone(), config.clients.keys_file.clone()];
+    let mut files = vec![config.file.clone()];
+    // Empty in cluster mode: the keys are in the database.
+    if !config.clients.keys_file.as_os_str().is_empty() {
+        files.push(config.clients.keys_file.clone());
+    }
     if let Some(tls) = &config.listen.tls {
         files.push(tls.cert.clone());
         files.push(tls.key.clone());
@@ -153,6 +168,9 @@ pub(super) fn watched_files(config: &Config) -> Vec<PathBuf> {
 fn keys_errors(config: &Config, e: KeysError) -> ConfigErrors {
     match e {
         KeysError::File(errors) => errors,
+        other if config.clients.keys_file.as_os_str().is_empty() => {
+            ConfigErrors::single(&config.file, "state.postgres", other.to_string())
+        }
         other => ConfigErrors::single(&config.clients.keys_file, "", other.to_string()),
     }
 }

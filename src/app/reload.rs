@@ -69,3 +69,41 @@ pub(super) async fn watch(control: Control, mut shutdown: Shutdown) {
         }
     }
 }
+
+/// Cluster mode: polls the keys' version in the database every
+/// `state::keys::POLL` and reloads the keys when it moved.
+pub(super) async fn watch_database_keys(
+    control: Control,
+    db: std::sync::Arc<crate::state::Db>,
+    mut shutdown: Shutdown,
+) {
+    let mut seen: Option<i64> = None;
+    let mut failing = false;
+    let mut tick = tokio::time::interval(crate::state::keys::POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let version = match crate::state::keys::version(&db).await {
+            Ok(v) => v,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the keys' version; the keys in force stay");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        failing = false;
+        // The first read reloads too: a change between start and now is not missed.
+        if seen != Some(version) {
+            if let Err(e) = control.reload_keys().await {
+                tracing::warn!(error = %e, "cannot reload the keys; the keys in force stay");
+                continue;
+            }
+        }
+        seen = Some(version);
+    }
+}

@@ -288,8 +288,15 @@ pub fn table(old: &Config, new: &Config) -> Vec<Row> {
                      ca_file,
                      pool_size,
                      statement_timeout,
+                     apply_migrations,
                  }| {
-                    (url.clone(), ca_file.clone(), *pool_size, *statement_timeout)
+                    (
+                        url.clone(),
+                        ca_file.clone(),
+                        *pool_size,
+                        *statement_timeout,
+                        *apply_migrations,
+                    )
                 },
             );
             (replica.clone(), pg)

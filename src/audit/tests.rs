@@ -288,7 +288,10 @@ fn captured(
     let shared = Shared::new(s, Arc::default(), Arc::clone(&metrics));
     let (tx, rx) = tokio::sync::mpsc::channel(queue);
     (
-        Audit::with_writer(Arc::clone(&shared), tx),
+        Audit {
+            tx,
+            shared: Arc::clone(&shared),
+        },
         shared,
         rx,
         metrics,

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::chain::{check_line, LineError, GENESIS};
+use super::chain::{check_line, Checked, LineError, GENESIS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -72,7 +72,7 @@ fn broken(file: &Path, line: usize, why: impl Into<String>) -> Broken {
     }
 }
 
-fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Broken> {
+pub(crate) fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Broken> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -134,6 +134,34 @@ pub fn verify_contents(files: &[(PathBuf, Vec<u8>)]) -> Result<Report, Broken> {
     verify_loaded(files.iter().map(|(p, b)| parse(p, b)).collect())
 }
 
+/// How a record fails to follow the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// The chain's first record (`seq` 1) does not start from 64 zeros.
+    NotGenesis,
+    OutOfOrder {
+        after: u64,
+    },
+    /// `seq` skips ahead of `from + 1`.
+    Jump {
+        from: u64,
+    },
+    PrevMismatch,
+}
+
+/// Whether `checked` follows `prev` (the previous record's `seq` and line
+/// hash; `None` for the first record seen, which may start a pruned chain).
+pub fn link(prev: Option<&(u64, String)>, checked: &Checked) -> Result<(), Link> {
+    match prev {
+        None if checked.seq == 1 && checked.prev != GENESIS => Err(Link::NotGenesis),
+        None => Ok(()),
+        Some((seq, _)) if checked.seq <= *seq => Err(Link::OutOfOrder { after: *seq }),
+        Some((seq, _)) if checked.seq > seq + 1 => Err(Link::Jump { from: *seq }),
+        Some((_, hash)) if checked.prev != *hash => Err(Link::PrevMismatch),
+        Some(_) => Ok(()),
+    }
+}
+
 fn verify_loaded(mut files: Vec<Loaded>) -> Result<Report, Broken> {
     files.retain(|f| !f.lines.is_empty() || f.tail.is_some());
     for f in &files {
@@ -185,53 +213,52 @@ fn verify_loaded(mut files: Vec<Loaded>) -> Result<Report, Broken> {
                     ))
                 }
             };
-            match &prev {
-                None => {
-                    if checked.seq == 1 && checked.prev != GENESIS {
-                        return Err(broken(
-                            &file.path,
-                            n,
-                            "the first record's prev is not 64 zeros",
-                        ));
-                    }
-                    report.first_seq = Some(checked.seq);
+            match link(prev.as_ref(), &checked) {
+                Ok(()) => {}
+                Err(Link::NotGenesis) => {
+                    return Err(broken(
+                        &file.path,
+                        n,
+                        "the first record's prev is not 64 zeros",
+                    ))
                 }
-                Some((seq, hash)) => {
-                    if checked.seq <= *seq {
-                        return Err(broken(
-                            &file.path,
-                            n,
-                            format!(
-                                "records out of order: seq {} after seq {seq} (reordered)",
-                                checked.seq
-                            ),
-                        ));
-                    }
-                    if checked.seq > seq + 1 {
-                        let expected = seq + 1;
-                        let later = file.lines[li + 1..]
-                            .iter()
-                            .any(|l| check_line(l).is_ok_and(|c| c.seq == expected));
-                        let why = if li == 0 {
-                            format!("seq jumps from {seq} to {}: a file is missing in the middle of the chain", checked.seq)
-                        } else if later {
-                            format!("seq {} where {expected} was expected, which comes later: records were reordered", checked.seq)
-                        } else {
-                            format!(
-                                "seq jumps from {seq} to {}: records were deleted",
-                                checked.seq
-                            )
-                        };
-                        return Err(broken(&file.path, n, why));
-                    }
-                    if checked.prev != *hash {
-                        return Err(broken(
-                            &file.path,
-                            n,
-                            "prev does not match the record before it: a record was changed, deleted or reordered",
-                        ));
-                    }
+                Err(Link::OutOfOrder { after }) => {
+                    return Err(broken(
+                        &file.path,
+                        n,
+                        format!(
+                            "records out of order: seq {} after seq {after} (reordered)",
+                            checked.seq
+                        ),
+                    ))
                 }
+                Err(Link::Jump { from }) => {
+                    let expected = from + 1;
+                    let later = file.lines[li + 1..]
+                        .iter()
+                        .any(|l| check_line(l).is_ok_and(|c| c.seq == expected));
+                    let why = if li == 0 {
+                        format!("seq jumps from {from} to {}: a file is missing in the middle of the chain", checked.seq)
+                    } else if later {
+                        format!("seq {} where {expected} was expected, which comes later: records were reordered", checked.seq)
+                    } else {
+                        format!(
+                            "seq jumps from {from} to {}: records were deleted",
+                            checked.seq
+                        )
+                    };
+                    return Err(broken(&file.path, n, why));
+                }
+                Err(Link::PrevMismatch) => {
+                    return Err(broken(
+                        &file.path,
+                        n,
+                        "prev does not match the record before it: a record was changed, deleted or reordered",
+                    ))
+                }
+            }
+            if prev.is_none() {
+                report.first_seq = Some(checked.seq);
             }
             report.records += 1;
             report.last_seq = Some(checked.seq);

@@ -105,6 +105,11 @@ pub fn start_local(
             let (sink, recovery) = FileSink::open(path.clone(), Arc::clone(&shared));
             (Box::new(sink), recovery)
         }
+        AuditSink::Database => {
+            return Err(std::io::Error::other(
+                "the database trail needs its sink from the caller (Audit::start_on)",
+            ))
+        }
     };
     Ok((start_with(sink, shared, rx)?, recovery))
 }

@@ -1,17 +1,17 @@
-//! `keygate keys create | list | revoke | regenerate`: the keys file of the
-//! configuration, through the same edits as the key API.
+//! `keygate keys create | list | revoke | regenerate`: the keys of the
+//! configuration (its keys file, or the database in cluster mode), through the
+//! same `KeyBackend` as the key API.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::{BufRead as _, IsTerminal as _};
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::PathBuf;
 
-use super::edit::{self, Issued, KeysError, NewKey, Selector};
+use super::edit::{Issued, KeysError, NewKey, Selector};
+use super::store::KeyBackend;
 use super::KeyEntry;
 
 pub enum KeysAction {
     Create {
-        config: PathBuf,
         name: String,
         roles: Vec<String>,
         expires: Option<String>,
@@ -19,91 +19,87 @@ pub enum KeysAction {
         json: bool,
     },
     List {
-        config: PathBuf,
         json: bool,
     },
     Revoke {
-        config: PathBuf,
         client_id: String,
     },
     Regenerate {
-        config: PathBuf,
         client_id: String,
         secret_stdin: bool,
         json: bool,
     },
+    /// Cluster mode: moves a keys file's entries into the database.
+    Import {
+        file: PathBuf,
+    },
 }
 
-const RELOAD_NOTE: &str =
-    "takes effect when keygate reloads (SIGHUP, or within seconds as it watches the file)";
+/// A change made, for the audit trail: action, client_id, key id.
+pub type Made = (&'static str, String, String);
 
-pub fn run(action: KeysAction) -> ExitCode {
-    match execute(action) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("{message}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn keys_file(config: &Path) -> Result<PathBuf, String> {
-    crate::config::load(config)
-        .map(|c| c.clients.keys_file)
-        .map_err(|e| e.to_string())
-}
-
-fn execute(action: KeysAction) -> Result<(), String> {
+/// Runs `action` against `keys`; `note` says when a change takes effect.
+/// Returns the changes made.
+pub async fn execute(
+    action: KeysAction,
+    keys: &dyn KeyBackend,
+    note: &str,
+) -> Result<Vec<Made>, String> {
     let err = |e: KeysError| e.to_string();
-    match action {
+    let made = |action, e: &KeyEntry| (action, e.client_id.clone(), e.id.clone());
+    Ok(match action {
         KeysAction::Create {
-            config,
             name,
             roles,
             expires,
             secret_stdin,
             json,
         } => {
-            let path = keys_file(&config)?;
             let secret = secret_stdin.then(read_secret).transpose()?;
-            let issued = edit::create(
-                &path,
-                NewKey {
-                    name,
-                    roles,
-                    expiration: expires,
-                    secret,
-                },
-            )
-            .map_err(err)?;
-            print_issued("created", &issued, json);
+            let new = NewKey {
+                name,
+                roles,
+                expiration: expires,
+                secret,
+            };
+            let issued = keys
+                .create(vec![new])
+                .await
+                .map_err(err)?
+                .pop()
+                .ok_or("nothing was created")?;
+            print_issued("created", &issued, json, note);
+            vec![made("create", &issued.entry)]
         }
-        KeysAction::List { config, json } => {
-            let keys = edit::list(&keys_file(&config)?).map_err(err)?;
-            print_list(&keys, json);
+        KeysAction::List { json } => {
+            print_list(&keys.list().await.map_err(err)?, json);
+            Vec::new()
         }
-        KeysAction::Revoke { config, client_id } => {
-            let path = keys_file(&config)?;
-            let entry = edit::revoke(&path, Selector::ClientId(&client_id)).map_err(err)?;
-            println!(
-                "revoked key {} ({}); {RELOAD_NOTE}",
-                entry.id, entry.client_id
-            );
+        KeysAction::Revoke { client_id } => {
+            let entry = keys
+                .revoke(Selector::ClientId(&client_id))
+                .await
+                .map_err(err)?;
+            println!("revoked key {} ({}); {note}", entry.id, entry.client_id);
+            vec![made("revoke", &entry)]
         }
         KeysAction::Regenerate {
-            config,
             client_id,
             secret_stdin,
             json,
         } => {
-            let path = keys_file(&config)?;
             let secret = secret_stdin.then(read_secret).transpose()?;
-            let issued =
-                edit::regenerate(&path, Selector::ClientId(&client_id), secret).map_err(err)?;
-            print_issued("regenerated", &issued, json);
+            let issued = keys
+                .regenerate(Selector::ClientId(&client_id), secret)
+                .await
+                .map_err(err)?;
+            print_issued("regenerated", &issued, json, note);
+            vec![made("regenerate", &issued.entry)]
         }
-    }
-    Ok(())
+        KeysAction::Import { .. } => {
+            return Err("keygate keys import: only with state.postgres (it moves a keys file into the database)".into())
+        }
+    })
 }
 
 /// One line from standard input; without echo when it is a terminal.
@@ -126,7 +122,7 @@ fn read_secret() -> Result<String, String> {
     Ok(secret)
 }
 
-fn print_issued(verb: &str, issued: &Issued, json: bool) {
+fn print_issued(verb: &str, issued: &Issued, json: bool, note: &str) {
     let e = &issued.entry;
     if json {
         let mut v = super::file::listing(e);
@@ -142,7 +138,7 @@ fn print_issued(verb: &str, issued: &Issued, json: bool) {
         }
         None => println!("  client_secret  the one you gave (keygate stores only its hash)"),
     }
-    println!("  {RELOAD_NOTE}");
+    println!("  {note}");
 }
 
 fn print_list(keys: &[KeyEntry], json: bool) {

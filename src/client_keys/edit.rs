@@ -22,6 +22,9 @@ pub enum KeysError {
     NotFound { file: PathBuf, what: String },
     #[error("{0}")]
     Invalid(String),
+    /// The key store (the database) cannot be reached or did not answer.
+    #[error("the key store is unavailable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     File(ConfigErrors),
     #[error("{file}: {reason}")]
@@ -114,36 +117,43 @@ pub fn create_many(path: &Path, batch: Vec<NewKey>) -> Result<Vec<Issued>, KeysE
     for new in &batch {
         check_new(new)?;
     }
-    change(path, |file| {
-        let first_id = file
-            .keys
-            .iter()
-            .filter_map(|k| k.id.parse::<u64>().ok())
-            .max()
-            .map_or(1001, |m| m + 1);
-        let mut entries = Vec::with_capacity(batch.len());
-        let mut issued = Vec::with_capacity(batch.len());
-        for (next_id, new) in (first_id..).zip(&batch) {
-            let client_id = super::new_client_id(&new.name);
-            let (secret, generated) = secret_for(&client_id, new.secret.clone())?;
-            let entry = KeyEntry {
-                id: next_id.to_string(),
-                client_id,
-                name: new.name.clone(),
-                secret_hash: hash(&secret)?,
-                roles: new.roles.clone(),
-                expiration: new.expiration.clone(),
-                is_valid: true,
-                created: Some(crate::rfc3339::format_seconds(SystemTime::now())),
-            };
-            entries.push(entry.clone());
-            issued.push(Issued {
-                entry,
-                generated_secret: generated,
-            });
-        }
-        Ok((Edit::Append(entries), issued))
-    })
+    change(path, |file| plan_create(file, &batch))
+}
+
+/// The entries `batch` adds to `file` (ids after the highest, client_ids and
+/// hashes made here), as an edit and as what the caller gets back.
+pub(crate) fn plan_create(
+    file: &KeysFile,
+    batch: &[NewKey],
+) -> Result<(Edit, Vec<Issued>), KeysError> {
+    let first_id = file
+        .keys
+        .iter()
+        .filter_map(|k| k.id.parse::<u64>().ok())
+        .max()
+        .map_or(1001, |m| m + 1);
+    let mut entries = Vec::with_capacity(batch.len());
+    let mut issued = Vec::with_capacity(batch.len());
+    for (next_id, new) in (first_id..).zip(batch) {
+        let client_id = super::new_client_id(&new.name);
+        let (secret, generated) = secret_for(&client_id, new.secret.clone())?;
+        let entry = KeyEntry {
+            id: next_id.to_string(),
+            client_id,
+            name: new.name.clone(),
+            secret_hash: hash(&secret)?,
+            roles: new.roles.clone(),
+            expiration: new.expiration.clone(),
+            is_valid: true,
+            created: Some(crate::rfc3339::format_seconds(SystemTime::now())),
+        };
+        entries.push(entry.clone());
+        issued.push(Issued {
+            entry,
+            generated_secret: generated,
+        });
+    }
+    Ok((Edit::Append(entries), issued))
 }
 
 /// Checks what a caller asked for before anything is written.
@@ -171,15 +181,22 @@ pub fn check_new(new: &NewKey) -> Result<(), KeysError> {
 }
 
 pub fn revoke(path: &Path, which: Selector<'_>) -> Result<KeyEntry, KeysError> {
-    change(path, |file| {
-        let index = find(file, which, path)?;
-        let mut entry = file.keys[index].clone();
-        entry.is_valid = false;
-        Ok((
-            Edit::Fields(index, vec![("is_valid", "false".into())]),
-            entry,
-        ))
-    })
+    change(path, |file| plan_revoke(file, which, path))
+}
+
+/// The entry `which` names, revoked; `store` names the store in messages.
+pub(crate) fn plan_revoke(
+    file: &KeysFile,
+    which: Selector<'_>,
+    store: &Path,
+) -> Result<(Edit, KeyEntry), KeysError> {
+    let index = find(file, which, store)?;
+    let mut entry = file.keys[index].clone();
+    entry.is_valid = false;
+    Ok((
+        Edit::Fields(index, vec![("is_valid", "false".into())]),
+        entry,
+    ))
 }
 
 pub fn regenerate(
@@ -187,24 +204,32 @@ pub fn regenerate(
     which: Selector<'_>,
     secret: Option<String>,
 ) -> Result<Issued, KeysError> {
-    change(path, |file| {
-        let index = find(file, which, path)?;
-        let mut entry = file.keys[index].clone();
-        let (secret, generated) = secret_for(&entry.client_id, secret.clone())?;
-        entry.secret_hash = hash(&secret)?;
-        entry.is_valid = true;
-        let fields = vec![
-            ("secret_hash", yaml_string(&entry.secret_hash)),
-            ("is_valid", "true".into()),
-        ];
-        Ok((
-            Edit::Fields(index, fields),
-            Issued {
-                entry,
-                generated_secret: generated,
-            },
-        ))
-    })
+    change(path, |file| plan_regenerate(file, which, secret, path))
+}
+
+/// The entry `which` names with a new secret's hash, valid again.
+pub(crate) fn plan_regenerate(
+    file: &KeysFile,
+    which: Selector<'_>,
+    secret: Option<String>,
+    store: &Path,
+) -> Result<(Edit, Issued), KeysError> {
+    let index = find(file, which, store)?;
+    let mut entry = file.keys[index].clone();
+    let (secret, generated) = secret_for(&entry.client_id, secret)?;
+    entry.secret_hash = hash(&secret)?;
+    entry.is_valid = true;
+    let fields = vec![
+        ("secret_hash", yaml_string(&entry.secret_hash)),
+        ("is_valid", "true".into()),
+    ];
+    Ok((
+        Edit::Fields(index, fields),
+        Issued {
+            entry,
+            generated_secret: generated,
+        },
+    ))
 }
 
 fn find(file: &KeysFile, which: Selector<'_>, path: &Path) -> Result<usize, KeysError> {
@@ -276,7 +301,8 @@ pub fn edit_text(text: &str, index: Option<usize>, new: &KeyEntry) -> Result<Str
     Ok(new_text)
 }
 
-enum Edit {
+/// A planned change to a keys file's text.
+pub(crate) enum Edit {
     Append(Vec<KeyEntry>),
     /// Set these fields of the entry at this index.
     Fields(usize, Vec<(&'static str, String)>),

@@ -35,6 +35,7 @@ pub struct RawPostgres {
     pub ca_file: Option<String>,
     pub pool_size: Option<u32>,
     pub statement_timeout: Option<String>,
+    pub apply_migrations: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,10 +102,10 @@ pub struct RawRoute {
     pub admin_key: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
-    pub path: String,
+    pub path: Option<String>,
     pub rotate_size: Option<String>,
     pub keep: Option<u32>,
     pub record_passthrough: Option<bool>,

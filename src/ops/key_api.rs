@@ -98,6 +98,10 @@ fn keys_error(e: KeysError) -> ProxyError {
         KeysError::ReadOnly(_) => ProxyError::KeysFileReadOnly,
         KeysError::NotFound { .. } => ProxyError::NotFound,
         KeysError::Invalid(m) => ProxyError::InvalidRequest(m),
+        KeysError::Unavailable(why) => {
+            tracing::error!(error = %why, "key API: the key store is unavailable");
+            ProxyError::KeyStoreUnavailable
+        }
         other => {
             tracing::error!(error = %other, "key API could not change the keys file");
             ProxyError::KeysFileError

@@ -13,6 +13,7 @@ pub mod check;
 pub mod client;
 pub mod load;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ pub struct Setup {
     pub admin_token: Option<String>,
     /// The whole `audit:` section.
     pub audit: String,
+    /// The whole `clients:` section.
+    pub clients: String,
     /// The `admin_key:` section, if any.
     pub admin_key: String,
     /// The listener address (`127.0.0.1:0` by default).
@@ -64,6 +67,7 @@ impl Default for Setup {
             listen_tls: None,
             admin_token: None,
             audit: "audit:\n  path: audit.jsonl\n".to_owned(),
+            clients: "clients:\n  keys_file: keys.yaml\n".to_owned(),
             admin_key: String::new(),
             listen: "127.0.0.1:0".to_owned(),
         }
@@ -87,11 +91,12 @@ impl Setup {
             None => String::new(),
         };
         format!(
-            "listen:\n  address: {}\n{tls}{}ops:\n  address: 127.0.0.1:0\n{admin_token}confluence:\n  base_url: {base_url}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\n{}{}clients:\n  keys_file: keys.yaml\n{}{}{}",
+            "listen:\n  address: {}\n{tls}{}ops:\n  address: 127.0.0.1:0\n{admin_token}confluence:\n  base_url: {base_url}\n  allow_http: true\n  email: {ADMIN_EMAIL}\n  api_token: {ADMIN_TOKEN}\n{}{}{}{}{}{}",
             self.listen,
             self.listen_extra,
             self.confluence_extra,
             self.admin_key,
+            self.clients,
             self.routes,
             self.audit,
             self.extra

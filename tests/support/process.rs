@@ -60,6 +60,8 @@ pub fn cli(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
 pub struct Process {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The ops listener, if configured.
+    pub ops: Option<SocketAddr>,
     /// Everything it wrote to standard error (JSON log lines).
     pub log: PathBuf,
 }
@@ -103,7 +105,11 @@ impl Process {
                     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                     if v["message"] == "keygate listening" {
                         if let Some(addr) = v["listen"].as_str().and_then(|a| a.parse().ok()) {
-                            let _ = tx.send(addr);
+                            // Logged as `Some(ADDR)` or `None`.
+                            let ops = v["ops"].as_str().and_then(|o| {
+                                o.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok()
+                            });
+                            let _ = tx.send((addr, ops));
                             sent = true;
                         }
                     }
@@ -111,7 +117,12 @@ impl Process {
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => Process { child, addr, log },
+            Ok((addr, ops)) => Process {
+                child,
+                addr,
+                ops,
+                log,
+            },
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -125,6 +136,10 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ops.expect("an ops listener"))
     }
 
     /// Sends a signal (`TERM`, `KILL`, `HUP`) by name.
