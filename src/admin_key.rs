@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::config::AdminKeyPolicy;
 use crate::readiness::Readiness;
-pub use coordination::{Coordination, LocalCoordination};
+pub use coordination::{ClusterCoordination, Coordination, LocalCoordination, MemoryStore};
 
 /// A key must have at least this much left for a request to be sent with it.
 pub const SAFETY_MARGIN: Duration = Duration::from_secs(5);
@@ -125,6 +125,9 @@ pub enum Call {
     Refresh,
     /// Re-read the state (drift): GET, then POST if gone or short.
     Check,
+    /// DELETE — in a cluster, only if no other replica had bypass traffic after
+    /// `quiet_since` (`None`: unconditionally, a shutdown already agreed).
+    Disable { quiet_since: Option<Instant> },
 }
 
 /// The admin-key state as the owner publishes it. Only the variants that carry a
@@ -221,6 +224,8 @@ enum Command {
         why: &'static str,
         done: oneshot::Sender<()>,
     },
+    /// This replica stops: tell the others, then answer.
+    Leave(oneshot::Sender<()>),
 }
 
 /// The handle requests and the rest of keygate use; cheap to clone.
@@ -280,6 +285,7 @@ impl AdminKeys {
             readiness,
             sinks: Arc::clone(&sinks),
             replica,
+            cluster_last: None,
         };
         tokio::spawn(owner.run());
         AdminKeys {
@@ -366,10 +372,15 @@ impl AdminKeys {
     }
 
     /// At shutdown, after in-flight requests drained: DELETE the key if the policy
-    /// says so.
+    /// says so (in a cluster: if no other replica had recent bypass traffic),
+    /// then stop counting as a live replica.
     pub async fn shutdown(&self) {
         if self.settings.load().policy.disable_on_shutdown {
             self.disable("shutdown").await;
+        }
+        let (done, wait) = oneshot::channel();
+        if self.commands.send(Command::Leave(done)).await.is_ok() {
+            let _ = wait.await;
         }
     }
 

@@ -397,13 +397,32 @@ impl App {
             upstream: upstream.clone(),
             credential: Arc::clone(&credential),
         };
-        let admin_keys = AdminKeys::spawn_with(
-            api,
-            crate::admin_key::LocalCoordination,
-            generation.admin_key_settings(),
-            Arc::clone(&readiness),
-            Arc::from(generation.replica()),
-        );
+        // Cluster mode: one admin-key window for all replicas. A call's lease
+        // outlasts its GET and POST (each bounded by the request timeout).
+        let cluster = db.as_ref().map(|db| {
+            let lease_for = config.confluence.request_timeout * 2 + Duration::from_secs(5);
+            crate::admin_key::ClusterCoordination::new(
+                crate::state::coordination::PgStore::new(Arc::clone(db)),
+                &generation.replica(),
+                lease_for,
+            )
+        });
+        let admin_keys = match &cluster {
+            Some(cluster) => AdminKeys::spawn_with(
+                api,
+                cluster.clone(),
+                generation.admin_key_settings(),
+                Arc::clone(&readiness),
+                Arc::from(generation.replica()),
+            ),
+            None => AdminKeys::spawn_with(
+                api,
+                crate::admin_key::LocalCoordination,
+                generation.admin_key_settings(),
+                Arc::clone(&readiness),
+                Arc::from(generation.replica()),
+            ),
+        };
         if let Some(audit) = audit.clone() {
             admin_keys.on_event(move |e: &AdminKeyEvent| audit.record(admin_key_record(e)));
         }
@@ -425,6 +444,18 @@ impl App {
             log: LogSink::get(),
             readiness: Arc::clone(&readiness),
         }));
+        if let Some(cluster) = cluster {
+            // A Retry-After seen here holds every replica; theirs hold this one.
+            let backoff = Arc::clone(&proxy.upstream_backoff);
+            cluster.on_upstream_hold(move |until| {
+                let now = tokio::time::Instant::now();
+                backoff.hold(now, until.saturating_duration_since(now));
+            });
+            proxy.upstream_backoff.observe(move |after| {
+                let cluster = cluster.clone();
+                tokio::spawn(async move { cluster.share_upstream_hold(after).await });
+            });
+        }
         Ok(App {
             control: Control {
                 shared: Arc::new(Shared {

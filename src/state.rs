@@ -7,6 +7,7 @@
 //! trail in files.
 
 pub mod audit;
+pub mod coordination;
 pub mod db;
 pub mod keys;
 pub mod migrate;

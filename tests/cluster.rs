@@ -64,9 +64,17 @@ impl Cluster {
 
     /// Writes replica `name`'s config; returns its path.
     fn config(&self, name: &str) -> PathBuf {
+        self.config_with(name, "", "")
+    }
+
+    /// Replica `name`'s config with an `admin_key:` section and extra lines
+    /// of the `confluence:` section.
+    fn config_with(&self, name: &str, admin_key: &str, confluence_extra: &str) -> PathBuf {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let setup = Setup {
+            admin_key: admin_key.into(),
+            confluence_extra: confluence_extra.into(),
             clients: String::new(),
             audit: "audit:\n  write_timeout: 1s\n".into(),
             admin_token: Some(OPS_TOKEN.into()),
@@ -82,10 +90,26 @@ impl Cluster {
     }
 
     async fn replica(&self, name: &str) -> Process {
-        let config = self.config(name);
+        self.replica_with(name, "", "").await
+    }
+
+    async fn replica_with(&self, name: &str, admin_key: &str, confluence_extra: &str) -> Process {
+        let config = self.config_with(name, admin_key, confluence_extra);
         tokio::task::spawn_blocking(move || Process::spawn(&config, Stdio::null(), &[]))
             .await
             .unwrap()
+    }
+
+    fn posts(&self) -> Vec<keygate::dev::confluence_standin::KeyCall> {
+        self.key_calls(&http::Method::POST)
+    }
+
+    fn key_calls(&self, method: &http::Method) -> Vec<keygate::dev::confluence_standin::KeyCall> {
+        self.state
+            .key_calls()
+            .into_iter()
+            .filter(|c| c.method == *method)
+            .collect()
     }
 
     fn create_key(&self, config: &std::path::Path, name: &str, role: &str) -> Key {
@@ -663,4 +687,256 @@ async fn keys_import_schema_commands_and_the_probe() {
         "{}",
         refused.stderr
     );
+}
+
+// One admin-key window for the cluster.
+
+/// Three replicas with `admin_key` and a 2 s request timeout (so the call
+/// lease lasts 2 × 2 s + 5 s = 9 s).
+async fn three(cluster: &Cluster, admin_key: &str) -> Vec<Process> {
+    let mut replicas = Vec::new();
+    for name in ["r1", "r2", "r3"] {
+        replicas.push(
+            cluster
+                .replica_with(name, admin_key, "  request_timeout: 2s\n")
+                .await,
+        );
+    }
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_first_bypass_requests_over_three_replicas_make_one_post() {
+    let Some(cluster) = Cluster::start("five_hundred_first_bypass_requests").await else {
+        return;
+    };
+    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
+    let replicas = three(&cluster, "").await;
+    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
+    let seen = load(&urls, RESTRICTED, &scanner.basic(), 500, 500).await;
+    assert_eq!(seen, HashMap::from([(200, 500)]));
+    assert_eq!(cluster.posts().len(), 1, "{:?}", cluster.state.key_calls());
+    assert_eq!(cluster.key_calls(&http::Method::GET).len(), 1);
+    for p in replicas {
+        term(p);
+    }
+    // Which replica made the call is on record; the others adopted its key.
+    let events = cluster
+        .sql("SELECT replica, line FROM keygate_audit WHERE event = 'admin_key' ORDER BY seq");
+    let enabled: Vec<_> = events
+        .iter()
+        .filter(|l| l.contains("\"action\":\"enabled\""))
+        .collect();
+    assert_eq!(enabled.len(), 1, "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_expiring_under_traffic_over_three_replicas_is_refreshed_once_per_window() {
+    let Some(cluster) = Cluster::start("a_key_expiring_under_traffic").await else {
+        return;
+    };
+    // Keys live 14 s on the stand-in; refresh 6 s before: a window every 8 s
+    // (a key is used until 5 s before its end: SAFETY_MARGIN).
+    cluster
+        .state
+        .set_key_lifetime(Some(Duration::from_secs(14)));
+    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
+    let replicas = three(
+        &cluster,
+        "admin_key:\n  refresh_before: 6s\n  idle_disable_after: never\n",
+    )
+    .await;
+    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
+    let started = Instant::now();
+    let mut seen = HashMap::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        for (status, n) in load(&urls, RESTRICTED, &scanner.basic(), 30, 6).await {
+            *seen.entry(status).or_insert(0) += n;
+        }
+        assert!(cluster.state.admin_key_active(), "the key lapsed");
+    }
+    assert_eq!(seen.keys().collect::<Vec<_>>(), [&200], "{seen:?}");
+    let posts = cluster.posts();
+    let at: Vec<_> = posts.iter().map(|c| c.at).collect();
+    for pair in at.windows(2) {
+        let gap = pair[1].duration_since(pair[0]).unwrap();
+        assert!(
+            gap >= Duration::from_secs(6),
+            "two POSTs in one window ({gap:?} apart): {posts:?}"
+        );
+    }
+    // 20 s of traffic: the first POST and one refresh per 8 s window.
+    assert!((2..=4).contains(&posts.len()), "{posts:?}");
+    for p in replicas {
+        term(p);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_disable_waits_for_the_last_replica_with_bypass_traffic() {
+    let Some(cluster) = Cluster::start("idle_disable_waits_for_the_last").await else {
+        return;
+    };
+    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
+    let replicas = three(&cluster, "admin_key:\n  idle_disable_after: 2s\n").await;
+    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
+    let auth = scanner.basic();
+    assert_eq!(
+        load(&urls, RESTRICTED, &auth, 30, 3).await,
+        HashMap::from([(200, 30)])
+    );
+    // Traffic goes on through r3 only, for twice idle_disable_after.
+    let third = vec![urls[2].clone()];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            load(&third, RESTRICTED, &auth, 5, 1).await,
+            HashMap::from([(200, 5)])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deletes = || cluster.key_calls(&http::Method::DELETE).len();
+    assert_eq!(deletes(), 0, "the key was disabled under r3's traffic");
+    assert!(cluster.state.admin_key_active());
+    // Traffic stops everywhere: one DELETE, after idle_disable_after.
+    let stopped = Instant::now();
+    while deletes() == 0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "never disabled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "disabled too early: {took:?}"
+    );
+    // Another idle period passes: still exactly one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(deletes(), 1, "{:?}", cluster.state.key_calls());
+    assert!(!cluster.state.admin_key_active());
+    for p in replicas {
+        term(p);
+    }
+    eprintln!("disabled {took:?} after the last bypass request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_calling_is_taken_over_when_its_lease_ends() {
+    let Some(cluster) = Cluster::start("a_replica_killed_while_calling").await else {
+        return;
+    };
+    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
+    let mut replicas = three(&cluster, "").await;
+    // r1's POST hangs; r1 dies while it waits.
+    cluster.state.inject(
+        keygate::dev::confluence_standin::Fault::slow(Duration::from_secs(60))
+            .only(http::Method::POST),
+        1,
+    );
+    let auth = scanner.basic();
+    let first = {
+        let (url, auth) = (replicas[0].url(RESTRICTED), auth.clone());
+        tokio::spawn(async move { support::client::get(&url, &[("Authorization", &auth)]).await })
+    };
+    let at = Instant::now();
+    while !cluster
+        .state
+        .requests()
+        .iter()
+        .any(|r| r.method == http::Method::POST && r.path() == "/wiki/api/v2/admin-key")
+    {
+        assert!(at.elapsed() < Duration::from_secs(10), "r1 never called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replicas[0].signal("KILL");
+    let _ = replicas[0].child.wait();
+    let _ = first.await;
+    let killed = Instant::now();
+    // r2 answers 503 while the dead replica's lease runs, then takes over.
+    loop {
+        let reply =
+            support::client::get(&replicas[1].url(RESTRICTED), &[("Authorization", &auth)]).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no takeover after {:?}",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = killed.elapsed();
+    eprintln!("took over {took:?} after the kill (lease: 9 s)");
+    assert!(took <= Duration::from_secs(12), "{took:?}");
+    for p in replicas.drain(1..) {
+        term(p);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_seen_by_one_replica_holds_them_all() {
+    let Some(cluster) = Cluster::start("a_retry_after_seen_by_one").await else {
+        return;
+    };
+    let reader = cluster.create_key(&cluster.config("r1"), "reader", "reader");
+    let replicas = three(&cluster, "").await;
+    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
+    let auth = reader.basic();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (urls, auth, stop) = (urls.clone(), auth.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                load(&urls, NORMAL, &auth, 30, 6).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let limited = support::client::get(
+        &replicas[1].url("/wiki/rate-limited?after=5"),
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(limited.status, 429);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let requests = cluster.state.requests();
+    let t0 = requests
+        .iter()
+        .find(|r| r.path() == "/wiki/rate-limited")
+        .unwrap()
+        .received;
+    // Within SHARE_EVERY (250 ms) plus requests already under way, every
+    // replica holds; nothing reaches Confluence until the 5 s are over.
+    let during: Vec<_> = requests
+        .iter()
+        .filter(|r| r.received > t0 + Duration::from_millis(700))
+        .filter(|r| r.received < t0 + Duration::from_millis(4900))
+        .map(|r| r.target.clone())
+        .collect();
+    assert!(
+        during.is_empty(),
+        "{} requests reached Confluence during the hold: {during:?}",
+        during.len()
+    );
+    let late = requests
+        .iter()
+        .filter(|r| r.received > t0 + Duration::from_millis(700))
+        .count();
+    let early = requests
+        .iter()
+        .filter(|r| r.received <= t0 && r.path() == NORMAL)
+        .count();
+    assert!(
+        early > 0 && late > 0,
+        "traffic flowed before and after the hold"
+    );
+    for p in replicas {
+        term(p);
+    }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::backoff::Backoff;
-use super::coordination::{Coordination, Outcome, Shared, Turn};
+use super::coordination::{Coordination, Hold, Outcome, Shared, Turn};
 use super::{
     lock, parse_key, ActiveKey, AdminKeyApi, AdminKeyEvent, Call, Command, Demand, EventSink,
     Settings, State, DRIFT_CHECK,
@@ -32,6 +32,8 @@ pub(super) struct Owner<A, C> {
     pub(super) readiness: Arc<Readiness>,
     pub(super) sinks: Arc<std::sync::Mutex<Vec<EventSink>>>,
     pub(super) replica: Arc<str>,
+    /// The latest bypass request of any other live replica (cluster mode).
+    pub(super) cluster_last: Option<Instant>,
 }
 
 /// A call that succeeded: the key, the event to report (if any) and why.
@@ -56,10 +58,17 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
                 biased;
                 command = self.commands.recv() => match command {
                     Some(Command::Disable { why, done }) => {
-                        let last_one = why != "shutdown" || self.coordination.last_one_out().await;
+                        let idle = self.settings.load().policy.idle_disable_after;
+                        let last_one =
+                            why != "shutdown" || self.coordination.last_one_out(idle).await;
                         if last_one {
-                            self.disable(why).await;
+                            self.disable(why, None).await;
                         }
+                        let _ = done.send(());
+                        continue;
+                    }
+                    Some(Command::Leave(done)) => {
+                        self.coordination.leave().await;
                         let _ = done.send(());
                         continue;
                     }
@@ -82,11 +91,16 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
 
     /// The next time the owner must look without being asked: the idle deadline,
     /// and the poll of the shared state when replicas share one.
+    /// The latest bypass request here or on any other live replica.
+    fn last_bypass(&self) -> Option<Instant> {
+        self.demand.last_bypass().max(self.cluster_last)
+    }
+
     fn next_wake(&self) -> Option<Instant> {
         let now = Instant::now();
         let idle = self.settings.load().policy.idle_disable_after;
         let held = self.state.borrow().held().is_some();
-        let idle_at = match (idle, held, self.demand.last_bypass()) {
+        let idle_at = match (idle, held, self.last_bypass()) {
             (Some(idle), true, Some(last)) => Some(last + idle),
             (Some(idle), true, None) => Some(now + idle),
             _ => None,
@@ -116,10 +130,11 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
         }
         let settings = self.settings.load_full();
         let current = self.current();
-        let last_bypass = self.demand.last_bypass();
+        let last_bypass = self.last_bypass();
         if let (Some(idle), Some(_)) = (settings.policy.idle_disable_after, current.held()) {
             if last_bypass.is_none_or(|last| last + idle <= now) {
-                self.disable("no bypass traffic for idle_disable_after")
+                let quiet_since = now.checked_sub(idle);
+                self.disable("no bypass traffic for idle_disable_after", quiet_since)
                     .await;
                 return;
             }
@@ -148,6 +163,7 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
 
     /// Takes what another replica learnt: a newer key, or its back-off.
     fn merge(&mut self, shared: Shared, now: Instant) {
+        self.cluster_last = self.cluster_last.max(shared.last_bypass);
         let current = self.current();
         if !matches!(
             current,
@@ -155,13 +171,30 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
         ) {
             return;
         }
-        if let Some((until, reason)) = shared.backoff.filter(|(until, _)| *until > now) {
+        if let Some(Hold {
+            until,
+            reason,
+            fatal,
+        }) = shared.backoff.filter(|h| h.until > now)
+        {
+            // The same readiness on every replica, whichever made the call.
+            if fatal && self.readiness.set(READINESS, reason.clone()) {
+                tracing::error!(reason = %reason, "admin key unavailable until this is fixed (seen by another replica)");
+            }
             self.backoff.hold_until(until);
-            self.publish(State::BackingOff {
-                until,
-                reason,
-                key: shared.key.filter(|k| k.usable(now)),
-            });
+            if current
+                != (State::BackingOff {
+                    until,
+                    reason: reason.clone(),
+                    key: shared.key.clone().filter(|k| k.usable(now)),
+                })
+            {
+                self.publish(State::BackingOff {
+                    until,
+                    reason,
+                    key: shared.key.filter(|k| k.usable(now)),
+                });
+            }
             return;
         }
         match (shared.key, current.held()) {
@@ -169,6 +202,9 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
                 if theirs.lease == ours.lease && theirs.checked_at <= ours.checked_at => {}
             (Some(theirs), _) => {
                 self.backoff.reset();
+                if self.readiness.clear(READINESS) {
+                    tracing::info!("admin key calls succeed again (seen by another replica)");
+                }
                 self.publish(State::Active(theirs));
             }
             (None, Some(_)) => self.publish(State::NoKey),
@@ -235,7 +271,11 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
             key: failed.key,
         });
         self.coordination
-            .finish(&Outcome::Failed { until, reason })
+            .finish(&Outcome::Failed(Hold {
+                until,
+                reason,
+                fatal,
+            }))
             .await;
     }
 
@@ -320,17 +360,27 @@ impl<A: AdminKeyApi, C: Coordination> Owner<A, C> {
     }
 
     /// DELETEs the key if one is held. While the DELETE is in flight the state is
-    /// `Disabling`: no request gets a lease.
-    async fn disable(&mut self, why: &str) {
+    /// `Disabling`: no request gets a lease. In a cluster, a replica that had
+    /// bypass traffic after `quiet_since` keeps the key enabled.
+    async fn disable(&mut self, why: &str, quiet_since: Option<Instant>) {
         let before = self.current();
         if before.held().is_none() {
             return;
         }
         self.publish(State::Disabling);
-        if let Err(reason) = self.coordination.turn(Call::Check).await {
-            self.emit_failed(format!("disable failed: {reason}"));
-            self.publish(before);
-            return;
+        match self.coordination.turn(Call::Disable { quiet_since }).await {
+            Ok(Turn::Mine) => {}
+            Ok(Turn::Adopt(shared)) => {
+                // Another replica still needs the key, or already disabled it.
+                self.publish(before);
+                self.merge(shared, Instant::now());
+                return;
+            }
+            Err(reason) => {
+                self.emit_failed(format!("disable failed: {reason}"));
+                self.publish(before);
+                return;
+            }
         }
         match self.api.call(Method::DELETE, 0).await {
             Ok(r) if matches!(r.status, 200 | 204 | 404) => {

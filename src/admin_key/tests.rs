@@ -469,3 +469,175 @@ async fn a_403_to_get_is_reported_as_a_refusal_of_get() {
     assert!(reasons[0].contains("403 to GET"), "{reasons:?}");
     assert!(!reasons[0].contains("POST"), "{reasons:?}");
 }
+
+/// One day of bursty bypass traffic, one step per 10 s: `Some(n)` sends a
+/// request through replica `n` (modulo the replicas there are).
+fn bursty_day() -> Vec<Option<usize>> {
+    let mut seed: u64 = 0x5eed_cafe;
+    let mut next = move |below: u64| {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (seed >> 33) % below
+    };
+    let mut steps = Vec::with_capacity(8640);
+    while steps.len() < 8640 {
+        // A quiet gap of 5 to 180 minutes, then a burst of 2 to 90 minutes.
+        for _ in 0..(30 + next(1050)) {
+            steps.push(None);
+        }
+        for _ in 0..(12 + next(528)) {
+            steps.push(Some(next(3) as usize));
+        }
+    }
+    steps.truncate(8640);
+    steps
+}
+
+#[derive(Debug)]
+struct Day {
+    calls: usize,
+    posts: usize,
+    deletes: usize,
+    active_minutes: u64,
+    traffic_minutes: u64,
+}
+
+async fn run_day(replicas: usize, schedule: &[Option<usize>]) -> Day {
+    const STEP: Duration = Duration::from_secs(10);
+    let idle = Duration::from_secs(15 * 60);
+    let standin = Arc::new(StandinState::new("admin@example", "token"));
+    let store = Arc::new(MemoryStore::default());
+    let mut policy = policy(60, 300);
+    policy.idle_disable_after = Some(idle);
+    let settings = || Settings {
+        policy: policy.clone(),
+        wait_bound: Duration::from_secs(60),
+    };
+    let keys: Vec<AdminKeys> = (0..replicas)
+        .map(|i| {
+            let api = StandinApi(Arc::clone(&standin));
+            let readiness = Arc::new(Readiness::default());
+            let name: Arc<str> = Arc::from(format!("r{i}"));
+            if replicas == 1 {
+                AdminKeys::spawn_with(api, LocalCoordination, settings(), readiness, name)
+            } else {
+                let cluster =
+                    ClusterCoordination::new(Arc::clone(&store), &name, Duration::from_secs(65))
+                        .with_poll(Duration::from_secs(5));
+                AdminKeys::spawn_with(api, cluster, settings(), readiness, name)
+            }
+        })
+        .collect();
+    let mut last_traffic: Option<Instant> = None;
+    let (mut active, mut traffic) = (0, 0);
+    for (i, who) in schedule.iter().enumerate() {
+        let now = Instant::now();
+        if let Some(n) = who {
+            keys[n % replicas]
+                .ensure()
+                .await
+                .unwrap_or_else(|u| panic!("step {i}: {u:?}"));
+            settle().await;
+            assert!(
+                standin.admin_key_active(),
+                "step {i}: the key lapsed under traffic"
+            );
+            last_traffic = Some(now);
+            traffic += 1;
+        }
+        settle().await;
+        if standin.admin_key_active() {
+            active += 1;
+            // Active only while some replica has traffic, plus idle_disable_after
+            // (and the poll and heartbeat lag of a few seconds).
+            let since = last_traffic.map(|l| now - l);
+            assert!(
+                since.is_some_and(|s| s <= idle + Duration::from_secs(30)),
+                "step {i}: the key is active {since:?} after the last bypass request"
+            );
+        }
+        tokio::time::sleep(STEP).await;
+    }
+    let calls = standin.key_calls();
+    Day {
+        calls: calls.len(),
+        posts: standin.key_call_count(&Method::POST),
+        deletes: standin.key_call_count(&Method::DELETE),
+        active_minutes: active * 10 / 60,
+        traffic_minutes: traffic * 10 / 60,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_simulated_day_over_three_replicas_costs_no_more_calls_than_one_node() {
+    let schedule = bursty_day();
+    let single = run_day(1, &schedule).await;
+    let cluster = run_day(3, &schedule).await;
+    eprintln!("one node:     {single:?}\nthree replicas: {cluster:?}");
+    assert!(cluster.calls <= single.calls, "{cluster:?} vs {single:?}");
+    assert_eq!(cluster.posts, single.posts);
+    assert_eq!(cluster.deletes, single.deletes);
+    assert!(
+        cluster.deletes > 3,
+        "the day has several bursts: {cluster:?}"
+    );
+    // Active while there is traffic, and not much longer than one node keeps it.
+    assert!(cluster.active_minutes >= cluster.traffic_minutes);
+    assert!(
+        cluster.active_minutes <= single.active_minutes + 5,
+        "{cluster:?} vs {single:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cluster_replicas_share_one_key_and_disable_only_when_all_are_idle() {
+    let standin = Arc::new(StandinState::new("admin@example", "token"));
+    let store = Arc::new(MemoryStore::default());
+    let mut p = policy(60, 300);
+    p.idle_disable_after = Some(Duration::from_secs(60));
+    let keys: Vec<AdminKeys> = (0..3)
+        .map(|i| {
+            let name: Arc<str> = Arc::from(format!("r{i}"));
+            AdminKeys::spawn_with(
+                StandinApi(Arc::clone(&standin)),
+                ClusterCoordination::new(Arc::clone(&store), &name, Duration::from_secs(65)),
+                Settings {
+                    policy: p.clone(),
+                    wait_bound: Duration::from_secs(60),
+                },
+                Arc::new(Readiness::default()),
+                name,
+            )
+        })
+        .collect();
+    // A slow POST: the others ask for their turn while the first call runs.
+    standin.inject(Fault::slow(Duration::from_secs(1)).only(Method::POST), 1);
+    let barrier = Arc::new(tokio::sync::Barrier::new(300));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let (keys, barrier) = (keys[i % 3].clone(), Arc::clone(&barrier));
+        tasks.spawn(async move {
+            barrier.wait().await;
+            keys.ensure().await
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().expect("every request gets the key");
+    }
+    // One call for the cluster: the others adopt what it published.
+    assert_eq!(standin.key_call_count(&Method::POST), 1);
+    assert_eq!(standin.key_call_count(&Method::GET), 1);
+    // Traffic continues on r2 only: nobody disables.
+    for _ in 0..30 {
+        keys[2].ensure().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert_eq!(standin.key_call_count(&Method::DELETE), 0);
+    // r0 and r1 shut down while r2 has recent traffic: no DELETE either.
+    keys[0].shutdown().await;
+    keys[1].shutdown().await;
+    assert_eq!(standin.key_call_count(&Method::DELETE), 0);
+    // Then everyone is idle: one DELETE.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(standin.key_call_count(&Method::DELETE), 1);
+    assert!(!standin.admin_key_active());
+}

@@ -34,6 +34,8 @@ pub struct Recorded {
     /// Path and query exactly as received.
     pub target: String,
     pub headers: HeaderMap,
+    /// When it arrived (tokio's clock).
+    pub received: tokio::time::Instant,
 }
 
 impl Recorded {
@@ -272,6 +274,7 @@ impl StandinState {
                 method: request.method().clone(),
                 target,
                 headers: request.headers().clone(),
+                received: tokio::time::Instant::now(),
             });
     }
 

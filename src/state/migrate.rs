@@ -64,19 +64,26 @@ INSERT INTO keygate_audit_head
         description: "one admin-key window for the cluster",
         sql: r#"
 -- The admin key as the cluster knows it, and who may call the vendor's API.
+-- Times are the database server's clock; replicas compare them only with
+-- clock_timestamp(), never with their own clocks.
 CREATE TABLE keygate_admin_key (
-    id            int PRIMARY KEY CHECK (id = 1),
-    enabled       boolean NOT NULL,
-    expires_at    timestamptz,
-    account_id    text,
-    changed_at    timestamptz NOT NULL,
-    changed_by    text,
-    lease_holder  text,
-    lease_until   timestamptz,
-    hold_until    timestamptz,
-    hold_reason   text
+    id                  int PRIMARY KEY CHECK (id = 1),
+    account_id          text,
+    -- expirationTime as Confluence reported it (its clock).
+    confluence_expires  text,
+    deadline_at         timestamptz,
+    refresh_at          timestamptz,
+    checked_at          timestamptz,
+    changed_at          timestamptz NOT NULL,
+    changed_by          text,
+    lease_holder        text,
+    lease_until         timestamptz,
+    hold_until          timestamptz,
+    hold_reason         text,
+    hold_fatal          boolean NOT NULL DEFAULT false,
+    upstream_hold_until timestamptz
 );
-INSERT INTO keygate_admin_key (id, enabled, changed_at) VALUES (1, false, now());
+INSERT INTO keygate_admin_key (id, changed_at) VALUES (1, now());
 -- Each replica's heartbeat and last bypass request.
 CREATE TABLE keygate_replicas (
     replica     text PRIMARY KEY,
