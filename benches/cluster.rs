@@ -33,7 +33,9 @@ fn main() {
 async fn durable_writes(replicas: &[Process]) -> f64 {
     let mut sum = 0.0;
     for p in replicas {
-        let text = support::client::get(&p.ops_url("/metrics"), &[]).await.text();
+        let text = support::client::get(&p.ops_url("/metrics"), &[])
+            .await
+            .text();
         sum += text
             .lines()
             .find(|l| l.starts_with("keygate_audit_fsyncs_total"))
@@ -108,8 +110,15 @@ async fn run() {
     }
     let created = cli(
         &[
-            "keys", "create", "--config", configs[0].to_str().unwrap(), "--name", "bench",
-            "--role", "compliance-scanner", "--json",
+            "keys",
+            "create",
+            "--config",
+            configs[0].to_str().unwrap(),
+            "--name",
+            "bench",
+            "--role",
+            "compliance-scanner",
+            "--json",
         ],
         None,
         &[],
@@ -148,7 +157,13 @@ async fn run() {
         );
     }
     let verify = cli(
-        &["audit", "verify", "--postgres", "--config", configs[0].to_str().unwrap()],
+        &[
+            "audit",
+            "verify",
+            "--postgres",
+            "--config",
+            configs[0].to_str().unwrap(),
+        ],
         None,
         &[],
     );

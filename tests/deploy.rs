@@ -46,26 +46,62 @@ fn kubernetes_manifests_hold_every_object_and_a_valid_multi_replica_config() {
         (dir.join("tls.crt"), dir.join("tls.key"))
     };
     std::fs::write(dir.join("confluence-api-token"), "token\n").unwrap();
-    std::fs::write(dir.join("keys.yaml"), "keys: []\n").unwrap();
+    std::fs::write(dir.join("ops-admin-token"), "an-ops-admin-token\n").unwrap();
+    std::fs::write(
+        dir.join("postgres-url"),
+        "postgres://keygate:pw@db.example:5432/keygate?sslmode=require\n",
+    )
+    .unwrap();
     let local = yaml
         .replace("/etc/keygate/tls/tls.crt", cert.to_str().unwrap())
         .replace("/etc/keygate/tls/tls.key", key.to_str().unwrap())
         .replace("/etc/keygate/secrets/", &format!("{}/", dir.display()));
     std::fs::write(dir.join("keygate.yaml"), local).unwrap();
     let config = keygate::config::load(&dir.join("keygate.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    config.secrets().unwrap_or_else(|e| panic!("{e}"));
+    // Cluster mode: keys and trail in the database, the key API on, and one
+    // admin-key window that replicas disable together when idle.
+    let state = config.state.as_ref().unwrap();
+    assert!(state.postgres.is_some());
     assert_eq!(
-        config.admin_key.idle_disable_after, None,
-        "replicas must not DELETE a shared key when idle"
+        config.admin_key.idle_disable_after,
+        Some(std::time::Duration::from_secs(15 * 60))
     );
-    assert!(
-        !config.admin_key.disable_on_shutdown,
-        "replicas must not DELETE a shared key at shutdown"
-    );
+    assert!(config.admin_key.disable_on_shutdown);
     assert_eq!(
         config.audit.unwrap().sink,
-        keygate::config::AuditSink::Stdout
+        keygate::config::AuditSink::Database
+    );
+    assert!(
+        config.ops.unwrap().admin_token.is_some(),
+        "the key API is on"
     );
     assert!(config.listen.tls.is_some());
+}
+
+/// The manifests against the Kubernetes API schemas, offline, with
+/// `kubernetes-validate` (PyPI); CI installs it (KEYGATE_REQUIRE_TOOLS=1).
+#[test]
+fn kubernetes_manifests_pass_the_schema_validator() {
+    let file = root().join("deploy/kubernetes/keygate.yaml");
+    let run = std::process::Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .arg(&file)
+        .output();
+    match run {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) if std::env::var("KEYGATE_REQUIRE_TOOLS").is_ok_and(|v| v == "1") => {
+            panic!("KEYGATE_REQUIRE_TOOLS=1 but kubernetes-validate is not installed (pip install kubernetes-validate)")
+        }
+        Err(_) => eprintln!(
+            "\n*** SKIPPED: kubernetes-validate is not installed (pip install kubernetes-validate) ***\n"
+        ),
+    }
 }
 
 #[test]
