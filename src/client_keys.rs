@@ -11,6 +11,11 @@
 //!   presented) and stays cached while it is used (`verify_cache_ttl` of
 //!   idleness), so a busy client never waits for a re-hash; concurrent first uses
 //!   of one credential share a single verification;
+//! - the verifier also remembers, across reloads, which credential was verified
+//!   against which hash and when (a day of idleness at most): such a credential
+//!   is served at once while its key keeps that hash — after a reload, or back
+//!   from an idle spell — and re-verified in the background once its
+//!   verification is older than `verify_cache_ttl`;
 //! - a wrong credential is remembered briefly, so repeating it costs no hash;
 //! - each source address and each client_id may see only a few wrong secrets
 //!   per second; beyond, the answer is 429 without hashing (and the proxy holds
@@ -18,8 +23,9 @@
 //! - at most a few verifications run at once, with a short queue; beyond, 429.
 //!
 //! Invariants: a failed verification is never cached as success, so a wrong
-//! secret cannot pass after a right one; a store is replaced whole on reload,
-//! dropping its caches; revocation and expiry are checked on every request,
+//! secret cannot pass after a right one; a remembered verification counts only
+//! for the exact hash it was made against, so a regenerated secret is never
+//! served from memory; revocation and expiry are checked on every request,
 //! cached or not.
 
 pub mod cli;
@@ -120,6 +126,7 @@ pub struct KeyStore {
     verified: moka::future::Cache<[u8; 32], Arc<ApiKey>>,
     refused: moka::sync::Cache<[u8; 32], ()>,
     verifier: Arc<Verifier>,
+    cache_ttl: Duration,
 }
 
 impl KeyStore {
@@ -149,6 +156,7 @@ impl KeyStore {
             verified,
             refused,
             verifier,
+            cache_ttl,
         }
     }
 
@@ -263,6 +271,20 @@ impl KeyStore {
             self.verifier.failed(source, None);
             return Err(fail(AuthError::WrongSecret, claimed));
         }
+        // Verified before (another generation, or idle past the cache's time)
+        // against the hash the key still has: the answer cannot differ, so it
+        // is served now; if that verification is older than verify_cache_ttl,
+        // it is redone in the background. Nobody waits for argon2 on a
+        // credential that was right and whose key has not changed.
+        if let Some(at) = self.verifier.remembered(&digest, &key.secret_hash) {
+            let key = Arc::clone(key);
+            if at.elapsed() < self.cache_ttl {
+                self.verified.insert(digest, Arc::clone(&key)).await;
+            } else {
+                self.reverify_in_background(digest, &key, secret);
+            }
+            return Ok(key);
+        }
         let admission = self
             .verifier
             .admit(&key.client_id)
@@ -281,7 +303,10 @@ impl KeyStore {
             })
             .await;
         match verified {
-            Ok(key) => Ok(key),
+            Ok(key) => {
+                self.verifier.remember(digest, &key.secret_hash);
+                Ok(key)
+            }
             Err(e) => {
                 if *e == AuthError::WrongSecret {
                     self.refused.insert(digest, ());
@@ -290,6 +315,31 @@ impl KeyStore {
                 Err(fail((*e).clone(), claimed))
             }
         }
+    }
+
+    /// Re-verifies a remembered credential off the request path (one at a
+    /// time per credential: the cache's initialisation is shared); a busy
+    /// verifier just leaves it for a later request.
+    fn reverify_in_background(&self, digest: [u8; 32], key: &Arc<ApiKey>, secret: &str) {
+        let Ok(admission) = self.verifier.admit(&key.client_id) else {
+            return;
+        };
+        let (verified, verifier) = (self.verified.clone(), Arc::clone(&self.verifier));
+        let (candidate, secret) = (Arc::clone(key), secret.to_owned());
+        tokio::spawn(async move {
+            let result = verified
+                .try_get_with(digest, async {
+                    if verifier.verify(admission, &secret, &candidate).await? {
+                        Ok(Arc::clone(&candidate))
+                    } else {
+                        Err(AuthError::WrongSecret)
+                    }
+                })
+                .await;
+            if result.is_ok() {
+                verifier.remember(digest, &candidate.secret_hash);
+            }
+        });
     }
 
     /// Generated secrets carry the random part of their client_id, so a Bearer

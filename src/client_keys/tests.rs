@@ -261,3 +261,86 @@ fn two_client_ids_with_one_suffix_are_refused() {
         "{errors}"
     );
 }
+
+#[tokio::test]
+async fn a_verification_is_remembered_across_reloads_for_the_same_hash_only() {
+    let id = new_client_id("steady");
+    let secret = new_secret(&id);
+    let verifier: Arc<Verifier> = Arc::default();
+    let first = key(&id, &secret);
+    let header = basic(&id, &secret);
+    let now = SystemTime::now();
+    let store = KeyStore::new(
+        vec![first.clone()],
+        Duration::from_secs(300),
+        Arc::clone(&verifier),
+    );
+    store.authenticate(Some(&header), LOCAL, now).await.unwrap();
+    assert_eq!(verifier.runs(), 1);
+    // A reload: a new store, same key. Served from memory, no argon2.
+    let reloaded = KeyStore::new(
+        vec![first.clone()],
+        Duration::from_secs(300),
+        Arc::clone(&verifier),
+    );
+    reloaded
+        .authenticate(Some(&header), LOCAL, now)
+        .await
+        .unwrap();
+    assert_eq!(verifier.runs(), 1, "no re-hash after a reload");
+    // Regenerated with another secret: the old credential is not served from
+    // memory, it is verified (and refused).
+    let mut regenerated = first.clone();
+    regenerated.secret_hash = hash_secret(&new_secret(&id)).unwrap();
+    let after = KeyStore::new(
+        vec![regenerated],
+        Duration::from_secs(300),
+        Arc::clone(&verifier),
+    );
+    let refused = after.authenticate(Some(&header), LOCAL, now).await;
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().error,
+        AuthError::WrongSecret
+    );
+    assert_eq!(verifier.runs(), 2);
+    // Revoked: refused whatever is remembered.
+    let mut revoked = first;
+    revoked.is_valid = false;
+    let gone = KeyStore::new(vec![revoked], Duration::from_secs(300), verifier);
+    let refused = gone.authenticate(Some(&header), LOCAL, now).await;
+    assert_eq!(refused.map(|_| ()).unwrap_err().error, AuthError::Revoked);
+}
+
+#[tokio::test]
+async fn an_old_verification_is_served_at_once_and_redone_in_the_background() {
+    let id = new_client_id("idle");
+    let secret = new_secret(&id);
+    let verifier: Arc<Verifier> = Arc::default();
+    let header = basic(&id, &secret);
+    let store = KeyStore::new(
+        vec![key(&id, &secret)],
+        Duration::from_millis(1),
+        Arc::clone(&verifier),
+    );
+    store
+        .authenticate(Some(&header), LOCAL, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(verifier.runs(), 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The cache entry idled out and the verification is older than the ttl:
+    // the request is answered from memory, and argon2 runs once more behind it.
+    store
+        .authenticate(Some(&header), LOCAL, SystemTime::now())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while verifier.runs() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background re-verification"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

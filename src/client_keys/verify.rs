@@ -119,10 +119,19 @@ struct Queue {
     ready: Condvar,
 }
 
+/// A credential verified against a hash, and when.
+#[derive(Clone)]
+struct Remembered {
+    secret_hash: Arc<str>,
+    at: Instant,
+}
+
 /// See the module doc.
 pub struct Verifier {
     runs: Arc<AtomicU64>,
     queue: Arc<Queue>,
+    /// Verifications that outlive a generation's cache (and reloads).
+    remembered: moka::sync::Cache<[u8; 32], Remembered>,
     sources: Buckets<IpAddr>,
     clients: Buckets<String>,
 }
@@ -151,9 +160,33 @@ impl Verifier {
         Verifier {
             runs,
             queue,
+            remembered: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(Duration::from_secs(24 * 3600))
+                .build(),
             sources: Buckets::new(SOURCE_BUDGET),
             clients: Buckets::new(CLIENT_BUDGET),
         }
+    }
+
+    /// When the credential `digest` was last verified against `secret_hash`,
+    /// if it was (and that is still the hash).
+    pub fn remembered(&self, digest: &[u8; 32], secret_hash: &str) -> Option<Instant> {
+        self.remembered
+            .get(digest)
+            .filter(|r| &*r.secret_hash == secret_hash)
+            .map(|r| r.at)
+    }
+
+    /// Remembers that `digest` verified against `secret_hash` now.
+    pub fn remember(&self, digest: [u8; 32], secret_hash: &str) {
+        self.remembered.insert(
+            digest,
+            Remembered {
+                secret_hash: Arc::from(secret_hash),
+                at: Instant::now(),
+            },
+        );
     }
 
     /// How many argon2 verifications have run.
