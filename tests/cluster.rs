@@ -691,9 +691,16 @@ async fn keys_import_schema_commands_and_the_probe() {
 
 // One admin-key window for the cluster.
 
-/// Three replicas with `admin_key` and a 2 s request timeout (so the call
-/// lease lasts 2 × 2 s + 5 s = 9 s).
-async fn three(cluster: &Cluster, admin_key: &str) -> Vec<Process> {
+/// A cluster with a key (`name`, `role`) and three replicas with `admin_key`
+/// and a 2 s request timeout (so the call lease lasts 2 × 2 s + 5 s = 9 s);
+/// also their URLs. `None` where PostgreSQL is missing.
+async fn three(
+    test: &str,
+    admin_key: &str,
+    (name, role): (&str, &str),
+) -> Option<(Cluster, Key, Vec<Process>, Vec<String>)> {
+    let cluster = Cluster::start(test).await?;
+    let key = cluster.create_key(&cluster.config("r1"), name, role);
     let mut replicas = Vec::new();
     for name in ["r1", "r2", "r3"] {
         replicas.push(
@@ -702,17 +709,19 @@ async fn three(cluster: &Cluster, admin_key: &str) -> Vec<Process> {
                 .await,
         );
     }
-    replicas
+    let urls = replicas.iter().map(|p| p.url("")).collect();
+    Some((cluster, key, replicas, urls))
 }
+
+const SCANNER: (&str, &str) = ("scanner", "compliance-scanner");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_first_bypass_requests_over_three_replicas_make_one_post() {
-    let Some(cluster) = Cluster::start("five_hundred_first_bypass_requests").await else {
+    let Some((cluster, scanner, replicas, urls)) =
+        three("five_hundred_first_bypass_requests", "", SCANNER).await
+    else {
         return;
     };
-    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
-    let replicas = three(&cluster, "").await;
-    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
     let seen = load(&urls, RESTRICTED, &scanner.basic(), 500, 500).await;
     assert_eq!(seen, HashMap::from([(200, 500)]));
     assert_eq!(cluster.posts().len(), 1, "{:?}", cluster.state.key_calls());
@@ -732,7 +741,10 @@ async fn five_hundred_first_bypass_requests_over_three_replicas_make_one_post() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_expiring_under_traffic_over_three_replicas_is_refreshed_once_per_window() {
-    let Some(cluster) = Cluster::start("a_key_expiring_under_traffic").await else {
+    let admin_key = "admin_key:\n  refresh_before: 6s\n  idle_disable_after: never\n";
+    let Some((cluster, scanner, replicas, urls)) =
+        three("a_key_expiring_under_traffic", admin_key, SCANNER).await
+    else {
         return;
     };
     // Keys live 14 s on the stand-in; refresh 6 s before: a window every 8 s
@@ -740,13 +752,6 @@ async fn a_key_expiring_under_traffic_over_three_replicas_is_refreshed_once_per_
     cluster
         .state
         .set_key_lifetime(Some(Duration::from_secs(14)));
-    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
-    let replicas = three(
-        &cluster,
-        "admin_key:\n  refresh_before: 6s\n  idle_disable_after: never\n",
-    )
-    .await;
-    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
     let started = Instant::now();
     let mut seen = HashMap::new();
     while started.elapsed() < Duration::from_secs(20) {
@@ -774,12 +779,15 @@ async fn a_key_expiring_under_traffic_over_three_replicas_is_refreshed_once_per_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_disable_waits_for_the_last_replica_with_bypass_traffic() {
-    let Some(cluster) = Cluster::start("idle_disable_waits_for_the_last").await else {
+    let Some((cluster, scanner, replicas, urls)) = three(
+        "idle_disable_waits_for_the_last",
+        "admin_key:\n  idle_disable_after: 2s\n",
+        SCANNER,
+    )
+    .await
+    else {
         return;
     };
-    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
-    let replicas = three(&cluster, "admin_key:\n  idle_disable_after: 2s\n").await;
-    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
     let auth = scanner.basic();
     assert_eq!(
         load(&urls, RESTRICTED, &auth, 30, 3).await,
@@ -824,11 +832,11 @@ async fn idle_disable_waits_for_the_last_replica_with_bypass_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_calling_is_taken_over_when_its_lease_ends() {
-    let Some(cluster) = Cluster::start("a_replica_killed_while_calling").await else {
+    let Some((cluster, scanner, mut replicas, _urls)) =
+        three("a_replica_killed_while_calling", "", SCANNER).await
+    else {
         return;
     };
-    let scanner = cluster.create_key(&cluster.config("r1"), "scanner", "compliance-scanner");
-    let mut replicas = three(&cluster, "").await;
     // r1's POST hangs; r1 dies while it waits.
     cluster.state.inject(
         keygate::dev::confluence_standin::Fault::slow(Duration::from_secs(60))
@@ -879,12 +887,11 @@ async fn a_replica_killed_while_calling_is_taken_over_when_its_lease_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_seen_by_one_replica_holds_them_all() {
-    let Some(cluster) = Cluster::start("a_retry_after_seen_by_one").await else {
+    let Some((cluster, reader, replicas, urls)) =
+        three("a_retry_after_seen_by_one", "", ("reader", "reader")).await
+    else {
         return;
     };
-    let reader = cluster.create_key(&cluster.config("r1"), "reader", "reader");
-    let replicas = three(&cluster, "").await;
-    let urls: Vec<String> = replicas.iter().map(|p| p.url("")).collect();
     let auth = reader.basic();
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {

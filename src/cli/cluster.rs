@@ -55,6 +55,26 @@ fn needs_database(command: &str) -> String {
     format!("keygate {command}: the configuration has no state.postgres (this works on the database of cluster mode)")
 }
 
+/// Loads the configuration, connects to its database (without touching the
+/// schema) and runs `f` with the connection: the shape of every command that
+/// only works in cluster mode.
+fn on_database<F, Fut>(config_path: &Path, command: &str, f: F) -> ExitCode
+where
+    F: FnOnce(tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let config = match load(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    with_runtime(|| async move {
+        let (_, client) = connect(&config, false)
+            .await?
+            .ok_or_else(|| needs_database(command))?;
+        f(client).await
+    })
+}
+
 /// `keygate keys ...`: on the keys file, or on the database — where every
 /// change is also recorded in the shared audit trail.
 pub(super) fn keys(config_path: &Path, action: KeysAction) -> ExitCode {
@@ -117,14 +137,7 @@ pub(super) fn keys(config_path: &Path, action: KeysAction) -> ExitCode {
 }
 
 pub(super) fn migrate(config_path: &Path) -> ExitCode {
-    let config = match load(config_path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    with_runtime(|| async move {
-        let (_, mut client) = connect(&config, false)
-            .await?
-            .ok_or_else(|| needs_database("db migrate"))?;
+    on_database(config_path, "db migrate", |mut client| async move {
         let applied = migrate::migrate(&mut client)
             .await
             .map_err(|e| e.to_string())?;
@@ -139,14 +152,7 @@ pub(super) fn migrate(config_path: &Path) -> ExitCode {
 }
 
 pub(super) fn status(config_path: &Path) -> ExitCode {
-    let config = match load(config_path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    with_runtime(|| async move {
-        let (_, client) = connect(&config, false)
-            .await?
-            .ok_or_else(|| needs_database("db status"))?;
+    on_database(config_path, "db status", |client| async move {
         let found = migrate::version(&client).await.map_err(|e| e.to_string())?;
         println!(
             "schema version {found}; this keygate needs {}",
@@ -157,42 +163,32 @@ pub(super) fn status(config_path: &Path) -> ExitCode {
 }
 
 pub(super) fn audit_verify(config_path: &Path) -> ExitCode {
-    let config = match load(config_path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    with_runtime(|| async move {
-        let (_, client) = connect(&config, false)
-            .await?
-            .ok_or_else(|| needs_database("audit verify --postgres"))?;
-        let report = crate::state::audit::verify(&client).await?;
-        match (report.first_seq, report.last_seq) {
-            (Some(a), Some(b)) => {
-                print!(
-                    "ok: {} records checked in the database, seq {a}..{b}",
-                    report.records
-                );
-                if a > 1 {
-                    print!(" (the chain starts at seq {a}: earlier records were removed)");
+    on_database(
+        config_path,
+        "audit verify --postgres",
+        |client| async move {
+            let report = crate::state::audit::verify(&client).await?;
+            match (report.first_seq, report.last_seq) {
+                (Some(a), Some(b)) => {
+                    print!(
+                        "ok: {} records checked in the database, seq {a}..{b}",
+                        report.records
+                    );
+                    if a > 1 {
+                        print!(" (the chain starts at seq {a}: earlier records were removed)");
+                    }
+                    println!();
                 }
-                println!();
+                _ => println!("ok: the database's trail is empty"),
             }
-            _ => println!("ok: the database's trail is empty"),
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
 }
 
 pub(super) fn audit_export(config_path: &Path, from_seq: u64, out: Option<&Path>) -> ExitCode {
-    let config = match load(config_path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let out = out.map(Path::to_path_buf);
-    with_runtime(|| async move {
-        let (_, client) = connect(&config, false)
-            .await?
-            .ok_or_else(|| needs_database("audit export"))?;
+    on_database(config_path, "audit export", |client| async move {
         let mut writer: Box<dyn std::io::Write> = match &out {
             Some(path) => Box::new(std::io::BufWriter::new(
                 std::fs::File::create(path)
