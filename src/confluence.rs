@@ -10,16 +10,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+mod pool;
+
+pub use pool::ResponseBody;
 
 use crate::body::Body;
 use crate::config::Confluence;
 use crate::tls::TlsError;
-
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
@@ -32,7 +30,7 @@ pub enum UpstreamError {
 /// The site and the pooled client that reaches it.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, Body>,
+    pool: pool::Pool,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -40,26 +38,19 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(site: &Confluence) -> Result<Self, TlsError> {
-        let tls = crate::tls::client_config(site.ca_file.as_deref())?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(site.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let mut tls = crate::tls::client_config(site.ca_file.as_deref())?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let pool = pool::Pool::new(pool::Target {
+            scheme: site.scheme.clone(),
+            authority: site.authority.clone(),
+            tls: std::sync::Arc::new(tls),
+            connect_timeout: site.connect_timeout,
+            idle_timeout: Duration::from_secs(60),
+        });
         let host = HeaderValue::from_str(site.authority.as_str())
             .map_err(|e| TlsError::Config(format!("invalid host: {e}")))?;
         Ok(Upstream {
-            client,
+            pool,
             scheme: site.scheme.clone(),
             authority: site.authority.clone(),
             host,
@@ -89,8 +80,8 @@ impl Upstream {
         &self,
         request: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.pool.send(request)).await {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if is_timeout(&e) => Err(UpstreamError::Timeout),

@@ -315,7 +315,7 @@ impl Proxy {
     /// 7. Confluence's answer, made safe for the client.
     fn respond(
         &self,
-        response: Response<Incoming>,
+        response: Response<crate::confluence::ResponseBody>,
         policy: &Policy,
         public: &rewrite::Public<'_>,
         ex: &mut Exchange,

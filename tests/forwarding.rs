@@ -422,3 +422,58 @@ async fn unreachable_confluence_gives_502_and_slow_confluence_gives_504() {
     assert_eq!(reply.json()["error"], "upstream_timeout");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_an_abandoned_body_takes_its_connection_along() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = Harness::start_with(support::Setup {
+        routes: "routes:\n  - name: all\n    methods: [GET, HEAD]\n    path: /wiki/**\n    roles: [\"*\"]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let auth = h.reader.basic();
+    let page = || async {
+        let reply = get(&h.url(PAGE), &[("Authorization", &auth)]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["id"], "1001");
+    };
+    // One exchange at a time: every request, with a body or without (HEAD),
+    // goes over the one keep-alive connection.
+    for _ in 0..10 {
+        page().await;
+        let head = send(
+            "HEAD",
+            &h.url(PAGE),
+            &[("Authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(head.status, 200);
+    }
+    assert_eq!(h.standin.state.connections(), 1);
+
+    // A client that hangs up in the middle of a large download: its upstream
+    // connection still has the rest of the body on it and must not be reused.
+    let mut tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "GET /wiki/download/attachments/1001/big.bin?size=8388608 HTTP/1.1\r\nHost: keygate\r\nAuthorization: {auth}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0;
+    while read < 64 * 1024 {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the download ended early");
+        read += n;
+    }
+    drop(tcp);
+    for _ in 0..10 {
+        page().await;
+    }
+    assert_eq!(
+        h.standin.state.connections(),
+        2,
+        "one new connection after the abandoned download, then reuse"
+    );
+    h.stop().await;
+}

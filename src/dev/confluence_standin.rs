@@ -131,6 +131,8 @@ pub struct StandinState {
     origin: Mutex<String>,
     /// Trailers of every request body the stand-in read.
     trailers: Mutex<Vec<HeaderMap>>,
+    /// Connections accepted so far.
+    connections: std::sync::atomic::AtomicU64,
 }
 
 impl StandinState {
@@ -149,6 +151,7 @@ impl StandinState {
             base_instant: tokio::time::Instant::now(),
             origin: Mutex::new(String::new()),
             trailers: Mutex::new(Vec::new()),
+            connections: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -193,6 +196,11 @@ impl StandinState {
     }
 
     /// The next `times` admin-key calls (matching the fault's method) fail this way.
+    /// Connections accepted so far (keep-alive reuse shows as few).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn inject(&self, fault: Fault, times: u32) {
         self.faults
             .lock()
@@ -423,6 +431,9 @@ impl Standin {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                served
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let state = Arc::clone(&served);
                 let tls = tls.clone();
                 tokio::spawn(async move {

@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 use super::rewrite::Public;
 use super::{Exchange, Policy, Proxy, ProxyConn};
 use crate::body::{self, Body, Guarded, Trailers};
+use crate::confluence::ResponseBody;
 use crate::error::ProxyError;
 use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
 use crate::route::{CanonicalPath, PathError};
@@ -21,7 +22,7 @@ pub(super) async fn send(
     policy: &Policy,
     conn: &ProxyConn,
     ex: &Exchange,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<ResponseBody>, ProxyError> {
     let (mut parts, incoming) = request.into_parts();
     headers::to_upstream(
         &mut parts.headers,
@@ -68,7 +69,7 @@ pub(super) async fn send(
 /// site's URLs pointing at keygate, trailers cleaned, a stalled body cut.
 pub(super) fn clean_response(
     proxy: &Proxy,
-    response: Response<Incoming>,
+    response: Response<ResponseBody>,
     policy: &Policy,
     public: &Public<'_>,
     ex: &Exchange,
