@@ -205,18 +205,8 @@ thread_local! {
 }
 
 /// Appends a number in decimal without the formatting machinery.
-fn number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+fn number(out: &mut Vec<u8>, n: u64) {
+    crate::rfc3339::push_decimal(out, n);
 }
 
 impl LogSink {

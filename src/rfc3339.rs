@@ -6,15 +6,92 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// `2026-11-23T10:00:00.123Z`: UTC with milliseconds.
 pub fn format_millis(t: SystemTime) -> String {
     let (secs, millis) = split(t);
-    let (date, time) = civil(secs);
-    format!("{date}T{time}.{millis:03}Z")
+    match Stamp::new(secs, Some(millis)) {
+        Some(stamp) => stamp.as_str().to_owned(),
+        None => {
+            let (date, time) = civil(secs);
+            format!("{date}T{time}.{millis:03}Z")
+        }
+    }
 }
 
 /// `2026-11-23T10:00:00Z`: UTC, whole seconds.
 pub fn format_seconds(t: SystemTime) -> String {
+    with_seconds(t, str::to_owned)
+}
+
+/// Calls `f` with `t` formatted as [`format_seconds`] does, on the stack for
+/// years 0 to 9999 (no allocation on the audit trail's hot path).
+pub fn with_seconds<R>(t: SystemTime, f: impl FnOnce(&str) -> R) -> R {
     let (secs, _) = split(t);
-    let (date, time) = civil(secs);
-    format!("{date}T{time}Z")
+    match Stamp::new(secs, None) {
+        Some(stamp) => f(stamp.as_str()),
+        None => {
+            let (date, time) = civil(secs);
+            f(&format!("{date}T{time}Z"))
+        }
+    }
+}
+
+/// A timestamp formatted into a fixed buffer.
+struct Stamp {
+    buf: [u8; 24],
+    len: usize,
+}
+
+impl Stamp {
+    /// `None` for years past 9999, which need more than four digits.
+    fn new(secs: i64, millis: Option<u32>) -> Option<Stamp> {
+        let rem = secs.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+        if !(0..=9999).contains(&y) {
+            return None;
+        }
+        let mut buf = *b"0000-00-00T00:00:00.000Z";
+        let field = |buf: &mut [u8; 24], at: usize, width: usize, n: i64| {
+            let mut n = n.unsigned_abs();
+            for b in buf[at..at + width].iter_mut().rev() {
+                *b = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        field(&mut buf, 0, 4, y);
+        field(&mut buf, 5, 2, m);
+        field(&mut buf, 8, 2, d);
+        field(&mut buf, 11, 2, rem / 3600);
+        field(&mut buf, 14, 2, rem % 3600 / 60);
+        field(&mut buf, 17, 2, rem % 60);
+        let len = match millis {
+            Some(ms) => {
+                field(&mut buf, 20, 3, i64::from(ms.min(999)));
+                24
+            }
+            None => {
+                buf[19] = b'Z';
+                20
+            }
+        };
+        Some(Stamp { buf, len })
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Appends `2026-11-23T10:00:00.123456Z` (UTC, microseconds) without allocating.
@@ -171,6 +248,24 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn stack_stamps_match_the_formatted_ones(secs in 0i64..253_402_300_800, millis in 0u32..1000) {
+            let (date, time) = civil(secs);
+            let stamp = Stamp::new(secs, Some(millis)).unwrap();
+            prop_assert_eq!(stamp.as_str(), format!("{date}T{time}.{millis:03}Z"));
+            let stamp = Stamp::new(secs, None).unwrap();
+            prop_assert_eq!(stamp.as_str(), format!("{date}T{time}Z"));
+        }
+    }
+
+    #[test]
+    fn years_past_9999_still_format() {
+        let t = UNIX_EPOCH + Duration::from_secs(253_402_300_800 + 86_400);
+        assert_eq!(format_seconds(t), "10000-01-02T00:00:00Z");
+        assert_eq!(format_millis(t), "10000-01-02T00:00:00.000Z");
+    }
 
     #[test]
     fn parse_table() {

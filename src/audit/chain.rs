@@ -11,13 +11,19 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
 
 pub fn hex(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends `bytes` in lower-case hex.
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0F)]));
-    }
-    s
+    out.extend(
+        bytes
+            .iter()
+            .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0x0F)]]),
+    );
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -49,7 +55,7 @@ impl Head {
         out.extend_from_slice(b"{\"ts\":\"");
         out.extend_from_slice(ts.as_bytes());
         out.extend_from_slice(b"\",\"seq\":");
-        out.extend_from_slice(self.seq.to_string().as_bytes());
+        crate::rfc3339::push_decimal(out, self.seq);
         out.extend_from_slice(b",\"event\":\"");
         out.extend_from_slice(event.as_bytes());
         out.extend_from_slice(b"\",\"prev\":\"");
@@ -64,10 +70,9 @@ impl Head {
         prefix.update(&out[start..]);
         let mut body = prefix.clone();
         body.update(b"}");
-        let hash = hex(body.finish().as_ref());
         let tail = out.len();
         out.extend_from_slice(b",\"hash\":\"");
-        out.extend_from_slice(hash.as_bytes());
+        push_hex(out, body.finish().as_ref());
         out.extend_from_slice(b"\"}");
         prefix.update(&out[tail..]);
         self.prev = hex(prefix.finish().as_ref());

@@ -37,13 +37,14 @@ pub fn encode<T: Serialize>(event: &'static str, record: &T) -> Encoded {
         json.clear();
         json.extend_from_slice(b"{}");
     }
-    let json = escape_line_separators(json);
+    let mut fields = escape_line_separators(json);
     // `{...}` → `...`: the writer puts its own members in front.
-    let fields = if json.len() >= 2 {
-        json[1..json.len() - 1].to_vec()
+    if fields.len() >= 2 {
+        fields.pop();
+        fields.remove(0);
     } else {
-        Vec::new()
-    };
+        fields.clear();
+    }
     Encoded { event, fields }
 }
 
@@ -51,7 +52,8 @@ pub fn encode<T: Serialize>(event: &'static str, record: &T) -> Encoded {
 /// shippers) by their `\u` escapes.
 fn escape_line_separators(json: Vec<u8>) -> Vec<u8> {
     let hit = |w: &[u8]| w[0] == 0xE2 && w[1] == 0x80 && (w[2] == 0xA8 || w[2] == 0xA9);
-    if !json.windows(3).any(hit) {
+    let found = memchr::memchr_iter(0xE2, &json).any(|i| json.get(i..i + 3).is_some_and(hit));
+    if !found {
         return json;
     }
     let mut out = Vec::with_capacity(json.len() + 8);
@@ -142,13 +144,28 @@ impl Serialize for Truncated<'_> {
 
 fn seconds<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t {
-        Some(t) => s.serialize_str(&crate::rfc3339::format_seconds(*t)),
+        Some(t) => crate::rfc3339::with_seconds(*t, |text| s.serialize_str(text)),
         None => s.serialize_none(),
     }
 }
 
-fn display<S: Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
+/// A socket address as `Display` writes it; IPv4 without the formatting
+/// machinery (every record carries one).
+fn address<S: Serializer>(a: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+    let SocketAddr::V4(v4) = a else {
+        return s.collect_str(a);
+    };
+    // "255.255.255.255:65535"
+    let mut text = Vec::with_capacity(21);
+    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push(b'.');
+        }
+        crate::rfc3339::push_decimal(&mut text, u64::from(octet));
+    }
+    text.push(b':');
+    crate::rfc3339::push_decimal(&mut text, u64::from(v4.port()));
+    s.serialize_str(std::str::from_utf8(&text).unwrap_or_default())
 }
 
 /// `request`: one per request (`phase: "end"`), and for a bypass request a
@@ -159,7 +176,7 @@ pub struct Request<'a> {
     pub request_id: &'a str,
     pub client_id: Option<Clip<'a>>,
     pub key_name: Option<&'a str>,
-    #[serde(serialize_with = "display")]
+    #[serde(serialize_with = "address")]
     pub remote_addr: SocketAddr,
     pub method: Clip<'a>,
     pub path: Clip<'a>,
@@ -186,7 +203,7 @@ pub struct AuthFailure<'a> {
     pub request_id: &'a str,
     pub client_id: Option<Clip<'a>>,
     pub reason: &'static str,
-    #[serde(serialize_with = "display")]
+    #[serde(serialize_with = "address")]
     pub remote_addr: SocketAddr,
     pub method: Clip<'a>,
     pub path: Clip<'a>,
@@ -263,6 +280,27 @@ pub struct Shutdown<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        #[derive(Serialize)]
+        struct A {
+            #[serde(serialize_with = "address")]
+            a: SocketAddr,
+        }
+        for text in [
+            "0.0.0.0:0",
+            "127.0.0.1:42190",
+            "255.255.255.255:65535",
+            "10.20.3.4:8080",
+            "[::1]:443",
+            "[2001:db8::7]:65535",
+        ] {
+            let a: SocketAddr = text.parse().unwrap();
+            let json = serde_json::to_string(&A { a }).unwrap();
+            assert_eq!(json, format!("{{\"a\":\"{a}\"}}"), "{text}");
+        }
+    }
 
     #[test]
     fn client_strings_are_cut_and_the_cut_is_recorded() {
