@@ -331,23 +331,8 @@ fn format_text(out: &mut Vec<u8>, l: &AccessLine<'_>) {
 
 /// A JSON string literal.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-        return;
-    }
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x00..=0x1F => {
-                let _ = write!(out, "\\u{b:04x}");
-            }
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
+    // As tracing's JSON layer (serde_json) escapes.
+    crate::json::push_str(out, s);
 }
 
 /// A value in a text line: control characters escaped so a client cannot forge

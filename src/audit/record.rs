@@ -152,20 +152,28 @@ fn seconds<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Erro
 /// A socket address as `Display` writes it; IPv4 without the formatting
 /// machinery (every record carries one).
 fn address<S: Serializer>(a: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+    let mut text = Vec::with_capacity(24);
+    write_address(&mut text, a);
+    s.serialize_str(std::str::from_utf8(&text[1..text.len() - 1]).unwrap_or_default())
+}
+
+/// Appends the address as a JSON string, as `Display` writes it.
+fn write_address(out: &mut Vec<u8>, a: &SocketAddr) {
     let SocketAddr::V4(v4) = a else {
-        return s.collect_str(a);
+        crate::json::push_str(out, &a.to_string());
+        return;
     };
     // "255.255.255.255:65535"
-    let mut text = Vec::with_capacity(21);
+    out.push(b'"');
     for (i, octet) in v4.ip().octets().into_iter().enumerate() {
         if i > 0 {
-            text.push(b'.');
+            out.push(b'.');
         }
-        crate::rfc3339::push_decimal(&mut text, u64::from(octet));
+        crate::rfc3339::push_decimal(out, u64::from(octet));
     }
-    text.push(b':');
-    crate::rfc3339::push_decimal(&mut text, u64::from(v4.port()));
-    s.serialize_str(std::str::from_utf8(&text).unwrap_or_default())
+    out.push(b':');
+    crate::rfc3339::push_decimal(out, u64::from(v4.port()));
+    out.push(b'"');
 }
 
 /// `request`: one per request (`phase: "end"`), and for a bypass request a
@@ -194,6 +202,52 @@ pub struct Request<'a> {
     pub user_agent: Option<Clip<'a>>,
     #[serde(skip_serializing_if = "Truncated::is_empty")]
     pub truncated: Truncated<'a>,
+}
+
+impl Request<'_> {
+    /// The record's fields, written by hand: byte for byte what the derived
+    /// `Serialize` and [`encode`] give, in a fraction of the instructions (two
+    /// of these per bypass request).
+    pub fn encode(&self) -> Encoded {
+        let mut fields = Vec::with_capacity(512);
+        let mut m = crate::json::Members::new(&mut fields);
+        m.str("phase", self.phase);
+        m.str("request_id", self.request_id);
+        m.opt_str("client_id", self.client_id.map(|c| c.kept()));
+        m.opt_str("key_name", self.key_name);
+        write_address(m.key("remote_addr"), &self.remote_addr);
+        m.str("method", self.method.kept());
+        m.str("path", self.path.kept());
+        m.opt_str("query", self.query.map(|c| c.kept()));
+        m.opt_str("route", self.route);
+        m.bool("admin_key", self.admin_key);
+        m.opt_str("admin_account", self.admin_account);
+        match self.admin_key_expires {
+            Some(t) => {
+                crate::rfc3339::with_seconds(t, |text| m.str("admin_key_expires", text));
+            }
+            None => m.opt_str("admin_key_expires", None),
+        }
+        m.opt_u64("status", self.status.map(u64::from));
+        m.opt_u64("upstream_status", self.upstream_status.map(u64::from));
+        m.u64("bytes_in", self.bytes_in);
+        m.u64("bytes_out", self.bytes_out);
+        m.opt_u64("duration_ms", self.duration_ms);
+        m.opt_str("user_agent", self.user_agent.map(|c| c.kept()));
+        if !self.truncated.is_empty() {
+            let out = m.key("truncated");
+            out.push(b'{');
+            let mut inner = crate::json::Members::new(out);
+            for (name, len) in self.truncated.fields.iter().flatten() {
+                inner.u64(name, *len as u64);
+            }
+            out.push(b'}');
+        }
+        Encoded {
+            event: "request",
+            fields,
+        }
+    }
 }
 
 /// `auth_failure`: every 401 (within the per-source rate; beyond it, counted into
@@ -280,6 +334,64 @@ pub struct Shutdown<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z/?=&\"\\\u{0}-\u{1f}\u{2028}\u{2029}é]{0,40}",
+            // Longer than the bounds, so that cuts and `truncated` show.
+            "[a-zé\u{2028}]{1000,1500}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn hand_written_request_records_equal_the_derived_ones(
+            strings in proptest::collection::vec(text(), 8),
+            some in proptest::collection::vec(any::<bool>(), 10),
+            numbers in proptest::collection::vec(any::<u64>(), 4),
+            v4 in any::<bool>(),
+            secs in 0u64..400_000_000_000,
+        ) {
+            let addr: SocketAddr = if v4 {
+                SocketAddr::from(([10, 1, (numbers[0] % 256) as u8, 255], (numbers[1] % 65536) as u16))
+            } else {
+                SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, (numbers[0] % 65536) as u16], 443))
+            };
+            let mut truncated = Truncated::default();
+            let record = Request {
+                phase: if some[0] { "start" } else { "end" },
+                request_id: &strings[0],
+                client_id: truncated.note("client_id", some[1].then(|| Clip::new(&strings[1], MAX_CLIENT_ID))),
+                key_name: some[2].then_some(strings[2].as_str()),
+                remote_addr: addr,
+                method: Clip::new(&strings[3], MAX_METHOD),
+                path: truncated
+                    .note("path", Some(Clip::new(&strings[4], MAX_PATH)))
+                    .unwrap_or_else(|| Clip::new("", 0)),
+                query: truncated.note("query", some[3].then(|| Clip::new(&strings[5], MAX_QUERY))),
+                route: some[4].then_some(strings[6].as_str()),
+                admin_key: some[5],
+                admin_account: some[5].then_some(strings[2].as_str()),
+                admin_key_expires: some[6].then(|| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)),
+                status: some[7].then_some((numbers[2] % 1000) as u16),
+                upstream_status: some[8].then_some((numbers[3] % 1000) as u16),
+                bytes_in: numbers[2],
+                bytes_out: numbers[3],
+                duration_ms: some[9].then_some(numbers[1]),
+                user_agent: truncated.note("user_agent", some[9].then(|| Clip::new(&strings[7], MAX_USER_AGENT))),
+                truncated,
+            };
+            let derived = encode("request", &record);
+            let by_hand = record.encode();
+            prop_assert_eq!(
+                String::from_utf8_lossy(&by_hand.fields),
+                String::from_utf8_lossy(&derived.fields)
+            );
+            prop_assert_eq!(by_hand, derived);
+        }
+    }
 
     #[test]
     fn addresses_are_written_as_display_writes_them() {

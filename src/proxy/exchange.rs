@@ -130,7 +130,7 @@ impl Exchange {
             ),
             truncated,
         };
-        record::encode("request", &record)
+        record.encode()
     }
 
     /// The `auth_failure` record.
