@@ -12,53 +12,62 @@ pub fn push_str(out: &mut Vec<u8>, s: &str) {
     let mut clean = 0; // start of the run not yet copied
     let mut i = 0;
     while i < bytes.len() {
-        if let Some(word) = bytes.get(i..i + 8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            if !special(u64::from_le_bytes(w)) {
-                i += 8;
-                continue;
+        // Eight bytes at a time; a short tail is padded with a harmless byte.
+        let n = (bytes.len() - i).min(8);
+        let mut w = [b'a'; 8];
+        if n == 8 {
+            w.copy_from_slice(&bytes[i..i + 8]);
+        } else {
+            for (slot, b) in w.iter_mut().zip(&bytes[i..]) {
+                *slot = *b;
             }
         }
-        let b = bytes[i];
-        let escape: Option<&[u8]> = match b {
-            b'"' => Some(b"\\\""),
-            b'\\' => Some(b"\\\\"),
-            b'\n' => Some(b"\\n"),
-            b'\r' => Some(b"\\r"),
-            b'\t' => Some(b"\\t"),
-            0x08 => Some(b"\\b"),
-            0x0C => Some(b"\\f"),
-            0x00..=0x1F => None,
-            0xE2 if bytes.get(i + 1) == Some(&0x80)
-                && matches!(bytes.get(i + 2), Some(0xA8 | 0xA9)) =>
-            {
-                Some(if bytes[i + 2] == 0xA8 {
-                    b"\\u2028"
-                } else {
-                    b"\\u2029"
-                })
-            }
-            _ => {
-                i += 1;
-                continue;
-            }
-        };
-        out.extend_from_slice(&bytes[clean..i]);
-        match escape {
-            Some(text) => {
-                out.extend_from_slice(text);
-                i += if text.len() == 6 && b == 0xE2 { 3 } else { 1 };
-            }
-            None => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0x0F)]);
-                i += 1;
-            }
+        if !special(u64::from_le_bytes(w)) {
+            i += n;
+            continue;
         }
-        clean = i;
+        let end = i + n;
+        while i < end {
+            let b = bytes[i];
+            let escape: Option<&[u8]> = match b {
+                b'"' => Some(b"\\\""),
+                b'\\' => Some(b"\\\\"),
+                b'\n' => Some(b"\\n"),
+                b'\r' => Some(b"\\r"),
+                b'\t' => Some(b"\\t"),
+                0x08 => Some(b"\\b"),
+                0x0C => Some(b"\\f"),
+                0x00..=0x1F => None,
+                0xE2 if bytes.get(i + 1) == Some(&0x80)
+                    && matches!(bytes.get(i + 2), Some(0xA8 | 0xA9)) =>
+                {
+                    Some(if bytes[i + 2] == 0xA8 {
+                        b"\\u2028"
+                    } else {
+                        b"\\u2029"
+                    })
+                }
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            out.extend_from_slice(&bytes[clean..i]);
+            match escape {
+                Some(text) => {
+                    out.extend_from_slice(text);
+                    i += if b == 0xE2 { 3 } else { 1 };
+                }
+                None => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0x0F)]);
+                    i += 1;
+                }
+            }
+            clean = i;
+        }
     }
     out.extend_from_slice(&bytes[clean..]);
     out.push(b'"');
