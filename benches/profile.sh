@@ -7,6 +7,7 @@
 #   benches/profile.sh                    # passthrough route, no audit record
 #   MODE=bypass benches/profile.sh        # bypass route, durable write-ahead record
 #   N=5000 TOP=40 benches/profile.sh
+#   CONNS=256 N=20000 benches/profile.sh  # more connections (default 16)
 #
 # Needs: nginx, h2load (nghttp2-client), valgrind. Prints the top functions by
 # inclusive and by self cost per request; the callgrind file stays in $OUT.
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 MODE=${MODE:-passthrough}
 N=${N:-5000}
 TOP=${TOP:-45}
+CONNS=${CONNS:-16}
 OUT=$(mktemp -d /tmp/keygate-profile.XXXXXX)
 UPSTREAM_PORT=${UPSTREAM_PORT:-18180}
 PORT=${PORT:-18190}
@@ -84,9 +86,9 @@ for _ in $(seq 1 200); do
     curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break
     sleep 0.1
 done
-h2load --h1 -c16 -n 500 -H "authorization: $auth" "http://127.0.0.1:$PORT/wiki/x" >/dev/null
+h2load --h1 -c"$CONNS" -n 500 -H "authorization: $auth" "http://127.0.0.1:$PORT/wiki/x" >/dev/null
 callgrind_control -i on "$keygate" >/dev/null
-h2load --h1 -c16 -n "$N" -H "authorization: $auth" "http://127.0.0.1:$PORT/wiki/x" | grep -E "requests:|status codes"
+h2load --h1 -c"$CONNS" -n "$N" -H "authorization: $auth" "http://127.0.0.1:$PORT/wiki/x" | grep -E "requests:|status codes"
 callgrind_control -i off "$keygate" >/dev/null
 callgrind_control -d "$keygate" >/dev/null
 sleep 1

@@ -6,6 +6,10 @@
 //! Invariants: a record is acknowledged as durable only after its fsync/commit; a
 //! batch that fails leaves nothing behind (the sink cuts it off again, or refuses
 //! to write until it can), so the chain never has a hole or a torn line of ours.
+//!
+//! A batch's waiters are answered by a task on the runtime, handed the whole
+//! batch at once: waking tasks from this thread costs the runtime a wake-up
+//! (a syscall) per task, handing over a batch costs one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -120,10 +124,57 @@ pub fn start_with(
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Job>,
 ) -> std::io::Result<Handle> {
+    let answers = Answers::start();
     let thread = std::thread::Builder::new()
         .name("keygate-audit".into())
-        .spawn(move || run(sink, shared, rx))?;
+        .spawn(move || run(sink, shared, rx, answers))?;
     Ok(Handle(thread))
+}
+
+type Answer = (Vec<Waiter>, Result<(), AuditError>);
+
+/// Who tells a batch's waiters how it went.
+enum Answers {
+    /// A task on the runtime the writer was started from.
+    Runtime(mpsc::UnboundedSender<Answer>),
+    /// The writer thread itself (no runtime to hand them to).
+    Direct,
+}
+
+impl Answers {
+    fn start() -> Self {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Answers::Direct;
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
+        runtime.spawn(async move {
+            while let Some((waiters, result)) = rx.recv().await {
+                answer(waiters, &result);
+            }
+        });
+        Answers::Runtime(tx)
+    }
+
+    fn send(&self, waiters: Vec<Waiter>, result: Result<(), AuditError>) {
+        if waiters.is_empty() {
+            return;
+        }
+        match self {
+            Answers::Runtime(tx) => {
+                if let Err(mpsc::error::SendError((waiters, result))) = tx.send((waiters, result)) {
+                    // The runtime is gone: answer from here.
+                    answer(waiters, &result);
+                }
+            }
+            Answers::Direct => answer(waiters, &result),
+        }
+    }
+}
+
+fn answer(waiters: Vec<Waiter>, result: &Result<(), AuditError>) {
+    for w in waiters {
+        let _ = w.send(result.clone());
+    }
 }
 
 fn now_ts() -> String {
@@ -131,7 +182,12 @@ fn now_ts() -> String {
 }
 
 /// Runs until `Close` or until every sender is gone.
-fn run(mut sink: Box<dyn Sink>, shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
+fn run(
+    mut sink: Box<dyn Sink>,
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Job>,
+    answers: Answers,
+) {
     let mut last_tick = Instant::now();
     let mut batch = Vec::with_capacity(64);
     while let Some(first) = rx.blocking_recv() {
@@ -143,7 +199,9 @@ fn run(mut sink: Box<dyn Sink>, shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>
             }
         }
         let close = collect(jobs, &mut batch);
-        write_batch(sink.as_mut(), &shared, &mut batch);
+        if let Some((waiters, result)) = write_batch(sink.as_mut(), &shared, &mut batch) {
+            answers.send(waiters, result);
+        }
         if close.is_some() || last_tick.elapsed() >= Duration::from_secs(1) {
             sink.tick(close.is_some());
             last_tick = Instant::now();
@@ -180,14 +238,14 @@ pub fn collect(
 }
 
 /// Writes the collected records (with an `audit_dropped` record first when the
-/// queue turned records away) and answers their waiters.
-pub fn write_batch(
+/// queue turned records away); returns their waiters and what to tell them.
+fn write_batch(
     sink: &mut dyn Sink,
     shared: &Shared,
     batch: &mut Vec<(Encoded, Option<Waiter>)>,
-) {
+) -> Option<Answer> {
     if batch.is_empty() {
-        return;
+        return None;
     }
     let Batch { records, waiters } = split(shared, batch);
     let durable = !waiters.is_empty();
@@ -196,9 +254,7 @@ pub fn write_batch(
         Ok(()) => shared.written(records.len() as u64),
         Err(e) => shared.failed(&e.to_string()),
     }
-    for w in waiters {
-        let _ = w.send(result.clone());
-    }
+    Some((waiters, result))
 }
 
 /// The records of a batch in order, preceded by the drop count if any.
