@@ -214,11 +214,9 @@ impl Proxy {
                 }
             }
         }
-        match policy
-            .keys
-            .authenticate(header, conn.info.peer.ip(), now)
-            .await
-        {
+        // Past the connection's memo (a cache lookup, or argon2): boxed, so that
+        // its large future is not part of every request's.
+        match Box::pin(policy.keys.authenticate(header, conn.info.peer.ip(), now)).await {
             Ok(key) => {
                 if let Some(h) = header {
                     conn.remember(h, policy.generation, &key);

@@ -119,7 +119,9 @@ impl Pool {
                 Err(Retry::No(e)) => return Err(e),
             }
         }
-        let conn = self.inner.connect().await?;
+        // Connecting (TCP, TLS, a handshake) is the rare path and its future the
+        // largest: boxed, it stays out of every request's future.
+        let conn = Box::pin(self.inner.connect()).await?;
         match self.send_on(conn, request, &absolute).await {
             Ok(response) => Ok(response),
             Err(Retry::Again(_)) => Err(SendError::Connect(std::io::Error::new(
