@@ -236,12 +236,7 @@ impl Inner {
         let port = t.authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let tcp = tokio::time::timeout(t.connect_timeout, TcpStream::connect((host, port)))
             .await
-            .map_err(|_| {
-                SendError::Connect(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))
-            })?
+            .map_err(|_| timed_out("connect"))?
             .map_err(SendError::Connect)?;
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
         if !tls {
@@ -254,12 +249,7 @@ impl Inner {
             tokio_rustls::TlsConnector::from(Arc::clone(&t.tls)).connect(name, tcp),
         )
         .await
-        .map_err(|_| {
-            SendError::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "TLS handshake timed out",
-            ))
-        })?
+        .map_err(|_| timed_out("TLS handshake"))?
         .map_err(SendError::Connect)?;
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -293,6 +283,13 @@ impl Inner {
         });
         Ok(Conn::H1(sender))
     }
+}
+
+fn timed_out(what: &str) -> SendError {
+    SendError::Connect(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out"),
+    ))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
