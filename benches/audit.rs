@@ -24,11 +24,7 @@ const ROUTES: &str = r#"routes:
 "#;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    support::load::block_on(run());
 }
 
 async fn run() {

@@ -18,11 +18,7 @@ const ROUTES: &str =
     "routes:\n  - name: read\n    methods: [GET]\n    path: /wiki/**\n    roles: [\"*\"]\n";
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    support::load::block_on(run());
 }
 
 async fn run() {

@@ -56,11 +56,7 @@ async fn legit(url: &str, auth: &str, n: usize) -> Vec<Duration> {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    support::load::block_on(run());
 }
 
 async fn run() {

@@ -22,11 +22,7 @@ const RESTRICTED: &str = "/wiki/api/v2/pages/2001";
 const ADMIN_KEY: &str = "admin_key:\n  idle_disable_after: never\n  disable_on_shutdown: false\n";
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    support::load::block_on(run());
 }
 
 /// Durable commits (cluster) or fsyncs (file) so far, summed over replicas.

@@ -220,23 +220,16 @@ async fn load(
     clients: usize,
 ) -> HashMap<u16, usize> {
     let sent = Arc::new(AtomicUsize::new(0));
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<Bytes>>();
+    let http = support::load::http();
     let results = support::load::concurrently(clients, |i| {
         let url = format!("{}{path}", urls[i % urls.len()]);
         let (sent, auth, http) = (Arc::clone(&sent), auth.to_owned(), http.clone());
         async move {
             let mut seen: HashMap<u16, usize> = HashMap::new();
             while sent.fetch_add(1, Ordering::Relaxed) < total {
-                let request = http::Request::get(&url)
-                    .header("authorization", &auth)
-                    .body(http_body_util::Full::new(Bytes::new()))
-                    .unwrap();
-                let response = http.request(request).await.unwrap();
-                let status = response.status().as_u16();
-                http_body_util::BodyExt::collect(response.into_body())
+                let status = support::load::get_status(&http, &url, &auth)
                     .await
-                    .unwrap();
+                    .expect("request failed");
                 *seen.entry(status).or_default() += 1;
             }
             seen
@@ -537,9 +530,7 @@ async fn sigkill_of_a_replica_leaves_a_start_record_for_every_bypass_that_left()
     let done = Arc::new(AtomicUsize::new(0));
     let on_victim = {
         let (auth, done) = (auth.clone(), Arc::clone(&done));
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Full<Bytes>>();
+        let http = support::load::http();
         support::load::concurrently(16, move |_| {
             let (url, auth, done, http) = (
                 format!("{victim}{RESTRICTED}"),
@@ -548,20 +539,10 @@ async fn sigkill_of_a_replica_leaves_a_start_record_for_every_bypass_that_left()
                 http.clone(),
             );
             async move {
-                loop {
-                    let request = http::Request::get(&url)
-                        .header("authorization", &auth)
-                        .body(http_body_util::Full::new(Bytes::new()))
-                        .unwrap();
-                    let Ok(response) = http.request(request).await else {
-                        return;
-                    };
-                    if http_body_util::BodyExt::collect(response.into_body())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                while support::load::get_status(&http, &url, &auth)
+                    .await
+                    .is_some()
+                {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }

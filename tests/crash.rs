@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
 use keygate::dev::confluence_standin::{Standin, StandinState};
 use rand::Rng as _;
 use support::check::assert_no_secret;
@@ -71,24 +69,16 @@ async fn sigkill_under_load_leaves_a_start_record_for_every_bypass_that_left() {
     let auth = scanner.basic();
     let done = Arc::new(AtomicUsize::new(0));
     let kill_at = rand::thread_rng().gen_range(100..REQUESTS - 100);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
+    let client = support::load::http();
     let load = support::load::concurrently(CLIENTS, |_| {
         let (client, url, auth, done) =
             (client.clone(), url.clone(), auth.clone(), Arc::clone(&done));
         async move {
             while done.load(Ordering::Relaxed) < REQUESTS {
-                let request = http::Request::get(&url)
-                    .header("authorization", &auth)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let Ok(response) = client.request(request).await else {
+                let Some(status) = support::load::get_status(&client, &url, &auth).await else {
                     return;
                 };
-                assert_eq!(response.status(), 200);
-                if response.into_body().collect().await.is_err() {
-                    return;
-                }
+                assert_eq!(status, 200);
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }

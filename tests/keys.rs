@@ -168,22 +168,14 @@ async fn argon2_runs_once_for_a_thousand_requests_and_a_wrong_secret_still_fails
     let h = Harness::start().await;
     let before = h.control.argon2_runs();
     let auth = h.reader.basic();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<Bytes>>();
+    let client = support::load::http();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..25 {
         let (client, auth, url) = (client.clone(), auth.clone(), h.url(PAGE));
         tasks.spawn(async move {
             for _ in 0..40 {
-                let request = http::Request::get(&url)
-                    .header("authorization", &auth)
-                    .body(http_body_util::Full::new(Bytes::new()))
-                    .unwrap();
-                let response = client.request(request).await.unwrap();
-                assert_eq!(response.status(), 200, "worker {worker}");
-                http_body_util::BodyExt::collect(response.into_body())
-                    .await
-                    .unwrap();
+                let status = support::load::get_status(&client, &url, &auth).await;
+                assert_eq!(status, Some(200), "worker {worker}");
             }
         });
     }

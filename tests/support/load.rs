@@ -3,6 +3,42 @@
 
 use std::future::Future;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+
+/// A keep-alive HTTP/1.1 client for load.
+pub type Http = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+pub fn http() -> Http {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>()
+}
+
+/// One GET with `auth`, its body read to the end: the status, or `None` when
+/// the connection failed (a server killed under load, say).
+pub async fn get_status(http: &Http, url: &str, auth: &str) -> Option<u16> {
+    let request = http::Request::get(url)
+        .header("authorization", auth)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = http.request(request).await.ok()?;
+    let status = response.status().as_u16();
+    response.into_body().collect().await.ok()?;
+    Some(status)
+}
+
+/// Runs a benchmark's `main` future on a multi-threaded runtime.
+pub fn block_on<F: Future>(main: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(main)
+}
+
 /// Runs `f(i)` for `i` in `0..n` concurrently; returns the outputs in order, and
 /// re-raises the first panic of any task.
 pub async fn concurrently<F, Fut, T>(n: usize, f: F) -> Vec<T>
@@ -30,8 +66,6 @@ where
 /// Sends `total` GETs with `auth` over `concurrency` keep-alive connections, each
 /// expected to succeed; returns requests/s.
 pub async fn throughput(url: &str, auth: &str, total: usize, concurrency: usize) -> f64 {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt as _, Full};
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(concurrency)
         .build_http::<Full<Bytes>>();
@@ -41,17 +75,10 @@ pub async fn throughput(url: &str, auth: &str, total: usize, concurrency: usize)
         let (client, url, auth) = (client.clone(), url.to_owned(), auth.to_owned());
         async move {
             for _ in 0..per_task {
-                let request = http::Request::get(&url)
-                    .header("authorization", &auth)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let response = client.request(request).await.unwrap();
-                assert!(
-                    response.status().is_success(),
-                    "status {}",
-                    response.status()
-                );
-                response.into_body().collect().await.unwrap();
+                let status = get_status(&client, &url, &auth)
+                    .await
+                    .expect("request failed");
+                assert!((200..300).contains(&status), "status {status}");
             }
         }
     })

@@ -178,6 +178,20 @@ impl Postgres {
         }
     }
 
+    /// A client program of the server's installation, pointed at it as `keygate`.
+    fn client_tool(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        command.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "keygate",
+        ]);
+        command
+    }
+
     /// A URL for database `name` (created by `create_database`).
     pub fn url(&self, name: &str) -> String {
         format!("postgres://keygate@127.0.0.1:{}/{name}", self.port)
@@ -185,18 +199,7 @@ impl Postgres {
 
     /// Creates a database; returns its URL.
     pub fn create_database(&self, name: &str) -> String {
-        let out = Command::new(self.bin.join("createdb"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "keygate",
-                name,
-            ])
-            .output()
-            .unwrap();
+        let out = self.client_tool("createdb").arg(name).output().unwrap();
         assert!(
             out.status.success(),
             "createdb: {}",
@@ -207,15 +210,8 @@ impl Postgres {
 
     /// Runs one SQL query with psql; its output rows (unaligned, `|`-separated).
     pub fn query(&self, database: &str, sql: &str) -> Vec<String> {
-        let out = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "keygate",
-            ])
+        let out = self
+            .client_tool("psql")
             .args([
                 "-d",
                 database,
