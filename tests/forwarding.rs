@@ -477,3 +477,65 @@ async fn upstream_connections_are_reused_and_an_abandoned_body_takes_its_connect
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_silently_closes_kept_alive_connections_loses_and_repeats_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // An upstream that answers as if keeping the connection alive, then closes
+    // it: every pooled connection is dead by its next use, the race every
+    // keep-alive client meets.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&served);
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let counter = std::sync::Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let body = r#"{"id":"1001"}"#;
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let h = Harness::start_with(support::Setup {
+        base_url: Some(format!("http://127.0.0.1:{port}")),
+        ..Default::default()
+    })
+    .await;
+    let auth = h.reader.basic();
+    let url = h.url(PAGE);
+    let statuses = support::load::concurrently(8, |_| {
+        let (url, auth) = (url.clone(), auth.clone());
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..25 {
+                let reply = get(&url, &[("Authorization", &auth)]).await;
+                statuses.push((reply.status, reply.text()));
+            }
+            statuses
+        }
+    })
+    .await;
+    for (status, text) in statuses.into_iter().flatten() {
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(text, r#"{"id":"1001"}"#);
+    }
+    // A request is sent again only when it never reached the upstream.
+    assert_eq!(served.load(Ordering::SeqCst), 200);
+    h.stop().await;
+}

@@ -10,7 +10,7 @@
 //! (an HTTP/1.1 connection carries one exchange at a time); one whose response
 //! body was dropped unread is closed, never reused; a request that a reused
 //! connection could not even start (closed under it) is retried on another, and
-//! never one that may have reached Confluence.
+//! one that it could not finish only when it is idempotent and has no body.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -109,14 +109,26 @@ impl Pool {
         mut request: Request<Body>,
     ) -> Result<Response<ResponseBody>, SendError> {
         let absolute = request.uri().clone();
+        // A reused connection the site has just closed fails a request that
+        // was already written. Like other keep-alive clients, keygate sends
+        // such a request again on another connection, but only when doing so
+        // is safe: an idempotent method without a body.
+        let replayable = matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS
+        ) && request.body().is_end_stream();
         for _ in 1..MAX_ATTEMPTS {
             let Some(conn) = self.inner.checkout() else {
                 break;
             };
+            let copy = replayable.then(|| bodiless_copy(&request, &absolute));
             match self.send_on(conn, request, &absolute).await {
                 Ok(response) => return Ok(response),
                 Err(Retry::Again(unsent)) => request = *unsent,
-                Err(Retry::No(e)) => return Err(e),
+                Err(Retry::No(e)) => match copy {
+                    Some(copy) if closed_under_it(&e) => request = copy,
+                    _ => return Err(e),
+                },
             }
         }
         // Connecting (TCP, TLS, a handshake) is the rare path and its future the
@@ -179,6 +191,38 @@ impl Pool {
 enum Retry {
     Again(Box<Request<Body>>),
     No(SendError),
+}
+
+/// The same request without a body, to send again.
+fn bodiless_copy(request: &Request<Body>, absolute: &Uri) -> Request<Body> {
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = absolute.clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Whether the connection closed or was reset before the response head arrived.
+fn closed_under_it(e: &SendError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let SendError::Http(e) = e else {
+        return false;
+    };
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+            );
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn origin_form(uri: &Uri) -> Uri {
