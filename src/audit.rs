@@ -19,7 +19,7 @@ pub mod search;
 pub mod verify;
 pub mod writer;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use writer::Job;
 pub use writer::Recovery;
 
 /// Records waiting for the writer at most; beyond, best-effort records are
-/// dropped (and counted) and durable ones wait for room.
+/// dropped (and counted) and durable ones wait for room in the channel.
 const QUEUE: usize = 8192;
 const READINESS: &str = "audit";
 
@@ -64,6 +64,9 @@ pub struct Shared {
     failed: AtomicBool,
     /// Best-effort records dropped since the last batch.
     dropped: AtomicU64,
+    /// Best-effort records handed over and not yet taken by the writer.
+    queued: AtomicUsize,
+    queue_limit: usize,
     /// What a reload may change while the writer runs.
     live: ArcSwap<AuditSettings>,
 }
@@ -79,6 +82,8 @@ impl Shared {
             metrics,
             failed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            queue_limit: QUEUE,
             live: ArcSwap::from_pointee(settings),
         })
     }
@@ -130,6 +135,11 @@ impl Shared {
         self.live.load_full()
     }
 
+    /// The writer took `n` best-effort records.
+    pub(crate) fn taken(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+    }
+
     /// The `audit_dropped` record for records dropped since the last batch.
     fn take_dropped(&self) -> Option<Encoded> {
         let dropped = self.dropped.swap(0, Ordering::AcqRel);
@@ -142,6 +152,58 @@ impl Shared {
 pub struct Audit {
     tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
+    /// Where best-effort records wait for the writer, when a runtime runs the
+    /// task that hands them over (else each is sent on its own).
+    gathered: Option<Arc<Gathered>>,
+}
+
+/// Best-effort records made on the runtime, handed to the writer together: with
+/// the next durable record, or by one task once the runtime has run the tasks
+/// that were ready (a turn of its run queue). The writer wakes once per batch,
+/// not once per record — each of those wake-ups is a thread switch and, when
+/// keygate has one core, preempts the runtime. Records keep the order they were
+/// made in; at rest a record is handed over within microseconds.
+#[derive(Default)]
+struct Gathered {
+    records: std::sync::Mutex<Vec<Encoded>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Gathered {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Encoded>> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self) -> Vec<Encoded> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Hands the gathered records over once per turn of the runtime, until the
+    /// writer's channel is gone.
+    fn spawn(self: &Arc<Self>, runtime: &tokio::runtime::Handle, tx: &mpsc::Sender<Job>) {
+        let gathered = Arc::clone(self);
+        let tx = tx.downgrade();
+        runtime.spawn(async move {
+            loop {
+                gathered.ready.notified().await;
+                // Let the requests that are ready now add theirs first.
+                tokio::task::yield_now().await;
+                let Some(tx) = tx.upgrade() else { return };
+                // Nothing is taken before there is room: a record is never
+                // held anywhere it could be lost.
+                let Ok(room) = tx.reserve().await else { return };
+                let records = gathered.take();
+                if !records.is_empty() {
+                    room.send(Job::Write {
+                        records,
+                        durable: None,
+                    });
+                }
+            }
+        });
+    }
 }
 
 /// The writer, to wait for at shutdown.
@@ -163,7 +225,7 @@ impl Audit {
         let shared = Shared::new(settings, readiness, metrics);
         let (tx, rx) = mpsc::channel(QUEUE);
         let (handle, recovery) = writer::start_local(Arc::clone(&shared), rx)?;
-        Ok((Audit { tx, shared }, AuditThread(handle), recovery))
+        Ok((Audit::new(tx, shared), AuditThread(handle), recovery))
     }
 
     /// Starts the writer on a sink the caller opens with the writer's shared
@@ -179,7 +241,22 @@ impl Audit {
         let (tx, rx) = mpsc::channel(QUEUE);
         let handle =
             writer::start_with(sink, Arc::clone(&shared), rx).map_err(StartError::Thread)?;
-        Ok((Audit { tx, shared }, AuditThread(handle), recovery))
+        Ok((Audit::new(tx, shared), AuditThread(handle), recovery))
+    }
+
+    /// A handle on the writer's channel; best-effort records are gathered when
+    /// called on a runtime.
+    fn new(tx: mpsc::Sender<Job>, shared: Arc<Shared>) -> Audit {
+        let gathered = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let gathered = Arc::new(Gathered::default());
+            gathered.spawn(&runtime, &tx);
+            gathered
+        });
+        Audit {
+            tx,
+            shared,
+            gathered,
+        }
     }
 
     /// Whether requests without the bypass are recorded too.
@@ -200,13 +277,14 @@ impl Audit {
         let limit = self.shared.live.load().write_timeout;
         let (done, wait) = oneshot::channel();
         let work = async {
-            self.tx
-                .send(Job::Write {
-                    record,
-                    durable: Some(done),
-                })
-                .await
-                .map_err(|_| AuditError::Closed)?;
+            let room = self.tx.reserve().await.map_err(|_| AuditError::Closed)?;
+            // The best-effort records made before this one go first, in one job.
+            let mut records = self.take_gathered();
+            records.push(record);
+            room.send(Job::Write {
+                records,
+                durable: Some(done),
+            });
             wait.await.map_err(|_| AuditError::Closed)?
         };
         match tokio::time::timeout(limit, work).await {
@@ -223,14 +301,39 @@ impl Audit {
     /// Queues a record without waiting for it. A full queue drops it; the drop is
     /// counted and recorded in the trail with the next batch.
     pub fn record(&self, record: Encoded) {
-        let job = Job::Write {
-            record,
-            durable: None,
-        };
-        if self.tx.try_send(job).is_err() {
-            self.shared.dropped.fetch_add(1, Ordering::AcqRel);
-            self.shared.metrics.audit_dropped.inc();
+        // Records handed over and not yet taken by the writer, at most QUEUE.
+        if self.shared.queued.fetch_add(1, Ordering::AcqRel) >= self.shared.queue_limit {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return self.dropped();
         }
+        let Some(gathered) = &self.gathered else {
+            let job = Job::Write {
+                records: vec![record],
+                durable: None,
+            };
+            if self.tx.try_send(job).is_err() {
+                self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+                self.dropped();
+            }
+            return;
+        };
+        let first = {
+            let mut records = gathered.lock();
+            records.push(record);
+            records.len() == 1
+        };
+        if first {
+            gathered.ready.notify_one();
+        }
+    }
+
+    fn dropped(&self) {
+        self.shared.dropped.fetch_add(1, Ordering::AcqRel);
+        self.shared.metrics.audit_dropped.inc();
+    }
+
+    fn take_gathered(&self) -> Vec<Encoded> {
+        self.gathered.as_ref().map(|g| g.take()).unwrap_or_default()
     }
 
     /// Asks for the writer's periodic work (fsync of what is unsynced, a look at
@@ -241,6 +344,15 @@ impl Audit {
 
     /// Flushes and stops the writer.
     pub async fn close(&self) {
+        if let Ok(room) = self.tx.reserve().await {
+            let records = self.take_gathered();
+            if !records.is_empty() {
+                room.send(Job::Write {
+                    records,
+                    durable: None,
+                });
+            }
+        }
         let (done, wait) = oneshot::channel();
         if self.tx.send(Job::Close(done)).await.is_ok() {
             let _ = wait.await;

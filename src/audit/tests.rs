@@ -257,20 +257,105 @@ async fn client_strings_are_escaped_never_spliced() {
 }
 
 /// A sink that keeps what it is given, or blocks while `hold` is set.
+#[derive(Default)]
 struct Captured {
     records: Arc<std::sync::Mutex<Vec<Encoded>>>,
     hold: Arc<std::sync::atomic::AtomicBool>,
+    /// Each write: how many records, and whether durable.
+    batches: Arc<std::sync::Mutex<Vec<(usize, bool)>>>,
+    written: Arc<tokio::sync::Notify>,
 }
 
 impl writer::Sink for Captured {
-    fn write(&mut self, _ts: &str, records: &[Encoded], _durable: bool) -> Result<(), AuditError> {
+    fn write(&mut self, _ts: &str, records: &[Encoded], durable: bool) -> Result<(), AuditError> {
         while self.hold.load(std::sync::atomic::Ordering::Relaxed) {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         self.records.lock().unwrap().extend(records.iter().cloned());
+        self.batches.lock().unwrap().push((records.len(), durable));
+        self.written.notify_one();
         Ok(())
     }
     fn tick(&mut self, _closing: bool) {}
+}
+
+/// Like `captured`, with the handle `Audit::start` makes on a runtime (best-effort
+/// records gathered) and at most `queue_limit` of them waiting.
+fn gathering(
+    queue_limit: usize,
+) -> (
+    Audit,
+    Arc<Shared>,
+    tokio::sync::mpsc::Receiver<writer::Job>,
+    Arc<Metrics>,
+) {
+    let metrics = Arc::new(Metrics::default());
+    let s = settings(Path::new("/nonexistent/audit.jsonl"), 1 << 20, 1);
+    let mut shared = Shared::new(s, Arc::default(), Arc::clone(&metrics));
+    Arc::get_mut(&mut shared).unwrap().queue_limit = queue_limit;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    (Audit::new(tx, Arc::clone(&shared)), shared, rx, metrics)
+}
+
+fn request_ids(records: &[Encoded]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&[b"{", &r.fields[..], b"}"].concat()).unwrap();
+            v["request_id"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn best_effort_records_reach_the_writer_together_and_in_the_order_made() {
+    let (audit, shared, rx, _) = gathering(QUEUE);
+    let sink = Captured::default();
+    let (records, batches, written) = (
+        Arc::clone(&sink.records),
+        Arc::clone(&sink.batches),
+        Arc::clone(&sink.written),
+    );
+    let handle = writer::start_with(Box::new(sink), Arc::clone(&shared), rx).unwrap();
+    for i in 0..100 {
+        audit.record(fields(i));
+    }
+    // Handed over by the task once this task yields: one write for all of them.
+    tokio::time::timeout(std::time::Duration::from_secs(10), written.notified())
+        .await
+        .unwrap();
+    assert_eq!(*batches.lock().unwrap(), [(100, false)]);
+    // A durable record takes those made before it along, ahead of it.
+    audit.record(fields(100));
+    audit.record(fields(101));
+    audit.durable(fields(102)).await.unwrap();
+    assert_eq!(batches.lock().unwrap()[1], (3, true));
+    audit.close().await;
+    handle.join().await;
+    let ids = request_ids(&records.lock().unwrap());
+    let expected: Vec<String> = (0..103).map(|i| format!("r{i}")).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(batches.lock().unwrap().len(), 2, "nothing left for close");
+    assert_eq!(shared.queued.load(Ordering::Acquire), 0);
+}
+
+#[tokio::test]
+async fn gathered_records_are_bounded_dropped_beyond_and_counted() {
+    let (audit, shared, rx, metrics) = gathering(3);
+    for i in 0..5 {
+        audit.record(fields(i));
+    }
+    assert_eq!(metrics.audit_dropped.get(), 2);
+    let sink = Captured::default();
+    let records = Arc::clone(&sink.records);
+    let handle = writer::start_with(Box::new(sink), Arc::clone(&shared), rx).unwrap();
+    audit.close().await;
+    handle.join().await;
+    let got = records.lock().unwrap().clone();
+    let events: Vec<&str> = got.iter().map(|r| r.event).collect();
+    assert_eq!(events, ["audit_dropped", "request", "request", "request"]);
+    assert_eq!(String::from_utf8_lossy(&got[0].fields), "\"dropped\":2");
+    assert_eq!(shared.queued.load(Ordering::Acquire), 0, "room again");
 }
 
 fn captured(
@@ -291,6 +376,7 @@ fn captured(
         Audit {
             tx,
             shared: Arc::clone(&shared),
+            gathered: None,
         },
         shared,
         rx,
@@ -312,7 +398,7 @@ async fn a_full_queue_drops_best_effort_records_and_the_trail_says_how_many() {
     let records = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = Captured {
         records: Arc::clone(&records),
-        hold: Arc::default(),
+        ..Captured::default()
     };
     let handle = writer::start_with(Box::new(sink), shared, rx).unwrap();
     audit.close().await;
@@ -328,8 +414,8 @@ async fn a_hung_disk_fails_durable_writes_within_the_write_timeout() {
     let (audit, shared, rx, metrics) = captured(std::time::Duration::from_millis(300), 64);
     let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sink = Captured {
-        records: Arc::default(),
         hold: Arc::clone(&hold),
+        ..Captured::default()
     };
     let handle = writer::start_with(Box::new(sink), Arc::clone(&shared), rx).unwrap();
     let started = std::time::Instant::now();

@@ -26,8 +26,10 @@ pub const MAX_BATCH: usize = 1024;
 type Waiter = oneshot::Sender<Result<(), AuditError>>;
 
 pub enum Job {
+    /// Records in the order they were made; with `durable`, the last one is
+    /// the durable record and the waiter hears when all are on disk.
     Write {
-        record: Encoded,
+        records: Vec<Encoded>,
         durable: Option<Waiter>,
     },
     /// Periodic work: fsync what is unsynced, look at the active file.
@@ -198,7 +200,7 @@ fn run(
                 Err(_) => break,
             }
         }
-        let close = collect(jobs, &mut batch);
+        let close = collect(&shared, jobs, &mut batch);
         if let Some((waiters, result)) = write_batch(sink.as_mut(), &shared, &mut batch) {
             answers.send(waiters, result);
         }
@@ -222,14 +224,22 @@ pub struct Batch {
 }
 
 /// Sorts jobs into the batch; returns the close request, if any.
-pub fn collect(
+fn collect(
+    shared: &Shared,
     jobs: Vec<Job>,
     batch: &mut Vec<(Encoded, Option<Waiter>)>,
 ) -> Option<oneshot::Sender<()>> {
     let mut close = None;
     for job in jobs {
         match job {
-            Job::Write { record, durable } => batch.push((record, durable)),
+            Job::Write { records, durable } => {
+                let best_effort = records.len().saturating_sub(usize::from(durable.is_some()));
+                shared.taken(best_effort);
+                batch.extend(records.into_iter().map(|r| (r, None)));
+                if let (Some(waiter), Some(last)) = (durable, batch.last_mut()) {
+                    last.1 = Some(waiter);
+                }
+            }
             Job::Tick => {}
             Job::Close(done) => close = Some(done),
         }
