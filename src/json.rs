@@ -98,6 +98,11 @@ impl<'a> Members<'a> {
         Members { out, first: true }
     }
 
+    /// Bytes written so far (the members of the object start at 0).
+    pub fn position(&self) -> usize {
+        self.out.len()
+    }
+
     /// Starts a member; `name` is a plain identifier, written as is.
     pub fn key(&mut self, name: &str) -> &mut Vec<u8> {
         if !self.first {

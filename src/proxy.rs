@@ -303,10 +303,12 @@ impl Proxy {
         ex.lease = Some(self.admin_keys.ensure().await?);
         ex.admin_key = true;
         let audit = self.audit.as_ref().ok_or(ProxyError::AuditUnavailable)?;
-        if let Err(e) = audit.durable(ex.request_record(None, 0)).await {
+        let (record, started) = ex.start_record();
+        if let Err(e) = audit.durable(record).await {
             ex.admin_key = false;
             return Err(e.into());
         }
+        ex.start_record = Some(started);
         Ok(())
     }
 
@@ -388,7 +390,7 @@ impl Proxy {
     /// The `request` record with the outcome, written when the response body ends
     /// (or the client goes away): every bypass-route request, and the others when
     /// `record_passthrough` is on. A 401 has its `auth_failure` record instead.
-    fn finish(&self, ex: Exchange, response: Response<Body>) -> Response<Body> {
+    fn finish(&self, mut ex: Exchange, response: Response<Body>) -> Response<Body> {
         let Some(audit) = self.audit.clone() else {
             return response;
         };
@@ -398,7 +400,7 @@ impl Proxy {
         let (parts, body) = response.into_parts();
         let status = parts.status.as_u16();
         let body = crate::body::Guarded::new(body, crate::body::Trailers::Clean)
-            .on_end(move |bytes_out, _| audit.record(ex.request_record(Some(status), bytes_out)));
+            .on_end(move |bytes_out, _| audit.record(ex.end_record(status, bytes_out)));
         Response::from_parts(parts, crate::body::boxed_as_is(body))
     }
 }

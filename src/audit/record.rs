@@ -204,11 +204,76 @@ pub struct Request<'a> {
     pub truncated: Truncated<'a>,
 }
 
+/// The members of a `request` record that only its end knows.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub status: Option<u16>,
+    pub upstream_status: Option<u16>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: Option<u64>,
+}
+
+impl Outcome {
+    fn write(&self, m: &mut crate::json::Members<'_>) {
+        m.opt_u64("status", self.status.map(u64::from));
+        m.opt_u64("upstream_status", self.upstream_status.map(u64::from));
+        m.u64("bytes_in", self.bytes_in);
+        m.u64("bytes_out", self.bytes_out);
+        m.opt_u64("duration_ms", self.duration_ms);
+    }
+}
+
+/// A durable `phase: "start"` record's fields, kept to make the request's end
+/// record from: the two differ only in `phase` and the [`Outcome`] members, so
+/// the end record is these bytes with both replaced instead of a second encoding.
+#[derive(Debug, Clone)]
+pub struct Started {
+    fields: Vec<u8>,
+    /// Where the outcome members are (`"status":…` to the end of `duration_ms`).
+    outcome: std::ops::Range<usize>,
+}
+
+const PHASE_START: &[u8] = br#""phase":"start""#;
+
+impl Started {
+    /// The end record: what [`Request::encode`] gives for the same request with
+    /// `phase: "end"` and `outcome`.
+    pub fn end(mut self, outcome: &Outcome) -> Encoded {
+        let mut members = Vec::with_capacity(96);
+        outcome.write(&mut crate::json::Members::new(&mut members));
+        self.fields.splice(self.outcome.clone(), members);
+        // `"phase":"start"` → `"phase":"end"` (the first member).
+        let value = PHASE_START.len() - 6..PHASE_START.len() - 1;
+        self.fields.splice(value, b"end".iter().copied());
+        Encoded {
+            event: "request",
+            fields: self.fields,
+        }
+    }
+}
+
 impl Request<'_> {
     /// The record's fields, written by hand: byte for byte what the derived
     /// `Serialize` and [`encode`] give, in a fraction of the instructions (two
     /// of these per bypass request).
     pub fn encode(&self) -> Encoded {
+        self.encode_marked().0
+    }
+
+    /// The `phase: "start"` record, and its bytes kept for the end record.
+    pub fn start(&self) -> (Encoded, Started) {
+        let (encoded, outcome) = self.encode_marked();
+        debug_assert!(encoded.fields.starts_with(PHASE_START));
+        let started = Started {
+            fields: encoded.fields.clone(),
+            outcome,
+        };
+        (encoded, started)
+    }
+
+    /// The fields and where the outcome members are in them.
+    fn encode_marked(&self) -> (Encoded, std::ops::Range<usize>) {
         let mut fields = Vec::with_capacity(512);
         let mut m = crate::json::Members::new(&mut fields);
         m.str("phase", self.phase);
@@ -228,11 +293,17 @@ impl Request<'_> {
             }
             None => m.opt_str("admin_key_expires", None),
         }
-        m.opt_u64("status", self.status.map(u64::from));
-        m.opt_u64("upstream_status", self.upstream_status.map(u64::from));
-        m.u64("bytes_in", self.bytes_in);
-        m.u64("bytes_out", self.bytes_out);
-        m.opt_u64("duration_ms", self.duration_ms);
+        // Past the comma that separates the outcome from what precedes it.
+        let from = m.position() + 1;
+        Outcome {
+            status: self.status,
+            upstream_status: self.upstream_status,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            duration_ms: self.duration_ms,
+        }
+        .write(&mut m);
+        let outcome = from..m.position();
         m.opt_str("user_agent", self.user_agent.map(|c| c.kept()));
         if !self.truncated.is_empty() {
             let out = m.key("truncated");
@@ -243,10 +314,13 @@ impl Request<'_> {
             }
             out.push(b'}');
         }
-        Encoded {
-            event: "request",
-            fields,
-        }
+        (
+            Encoded {
+                event: "request",
+                fields,
+            },
+            outcome,
+        )
     }
 }
 
@@ -389,7 +463,35 @@ mod tests {
                 String::from_utf8_lossy(&by_hand.fields),
                 String::from_utf8_lossy(&derived.fields)
             );
-            prop_assert_eq!(by_hand, derived);
+            prop_assert_eq!(&by_hand, &derived);
+
+            // The end record made from the start record's bytes is the one
+            // encoded from scratch.
+            let start = Request { phase: "start", status: None, upstream_status: None, bytes_out: 0, duration_ms: None, ..record };
+            let (start_record, started) = start.start();
+            prop_assert_eq!(start_record, start.encode());
+            let outcome = Outcome {
+                status: Some((numbers[2] % 600) as u16),
+                upstream_status: some[8].then_some((numbers[3] % 600) as u16),
+                bytes_in: numbers[3],
+                bytes_out: numbers[0],
+                duration_ms: some[7].then_some(numbers[1]),
+            };
+            let end = Request {
+                phase: "end",
+                status: outcome.status,
+                upstream_status: outcome.upstream_status,
+                bytes_in: outcome.bytes_in,
+                bytes_out: outcome.bytes_out,
+                duration_ms: outcome.duration_ms,
+                ..start
+            };
+            let spliced = started.end(&outcome);
+            let expected = end.encode();
+            prop_assert_eq!(
+                String::from_utf8_lossy(&spliced.fields),
+                String::from_utf8_lossy(&expected.fields)
+            );
         }
     }
 

@@ -40,6 +40,8 @@ pub struct Exchange {
     pub auth_failure: Option<&'static str>,
     pub bytes_in: Arc<AtomicU64>,
     pub started: Instant,
+    /// The durable start record's bytes, to make the end record from.
+    pub start_record: Option<record::Started>,
 }
 
 impl Exchange {
@@ -61,6 +63,7 @@ impl Exchange {
             auth_failure: None,
             bytes_in: Arc::default(),
             started: Instant::now(),
+            start_record: None,
         }
     }
 
@@ -91,12 +94,40 @@ impl Exchange {
         self.user_agent.as_ref().and_then(|v| v.to_str().ok())
     }
 
+    /// The `phase: "start"` record of a bypass request, and its bytes to keep
+    /// in `start_record` once it is durable.
+    pub fn start_record(&self) -> (Encoded, record::Started) {
+        let mut truncated = Truncated::default();
+        self.request(None, 0, &mut truncated).start()
+    }
+
+    /// The `phase: "end"` record, from the start record's bytes when there is one.
+    pub fn end_record(&mut self, status: u16, bytes_out: u64) -> Encoded {
+        let Some(started) = self.start_record.take() else {
+            let mut truncated = Truncated::default();
+            return self
+                .request(Some(status), bytes_out, &mut truncated)
+                .encode();
+        };
+        started.end(&record::Outcome {
+            status: Some(status),
+            upstream_status: self.upstream_status,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            duration_ms: Some(self.elapsed_ms()),
+        })
+    }
+
     /// The `request` record: `phase: "start"` (no status yet) or `"end"`.
-    pub fn request_record(&self, status: Option<u16>, bytes_out: u64) -> Encoded {
+    fn request<'a>(
+        &'a self,
+        status: Option<u16>,
+        bytes_out: u64,
+        truncated: &mut Truncated<'a>,
+    ) -> record::Request<'a> {
         let end = status.is_some();
         let lease = self.lease.as_ref().filter(|_| self.admin_key);
-        let mut truncated = Truncated::default();
-        let record = record::Request {
+        record::Request {
             phase: if end { "end" } else { "start" },
             request_id: self.request_id(),
             client_id: truncated.note(
@@ -128,9 +159,8 @@ impl Exchange {
                 self.user_agent()
                     .map(|u| Clip::new(u, record::MAX_USER_AGENT)),
             ),
-            truncated,
-        };
-        record.encode()
+            truncated: *truncated,
+        }
     }
 
     /// The `auth_failure` record.
