@@ -12,17 +12,22 @@ pub fn push_str(out: &mut Vec<u8>, s: &str) {
     let mut clean = 0; // start of the run not yet copied
     let mut i = 0;
     while i < bytes.len() {
-        // Eight bytes at a time; a short tail is padded with a harmless byte.
+        // Eight bytes at a time. A string's last few bytes are checked as its
+        // last eight (a byte looked at twice only costs a closer look), and a
+        // string shorter than eight is padded with a harmless byte.
         let n = (bytes.len() - i).min(8);
-        let mut w = [b'a'; 8];
-        if n == 8 {
-            w.copy_from_slice(&bytes[i..i + 8]);
+        let word = if n == 8 {
+            word_at(bytes, i)
+        } else if bytes.len() >= 8 {
+            word_at(bytes, bytes.len() - 8)
         } else {
+            let mut w = [b'a'; 8];
             for (slot, b) in w.iter_mut().zip(&bytes[i..]) {
                 *slot = *b;
             }
-        }
-        if !special(u64::from_le_bytes(w)) {
+            u64::from_le_bytes(w)
+        };
+        if !special(word) {
             i += n;
             continue;
         }
@@ -71,6 +76,13 @@ pub fn push_str(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[clean..]);
     out.push(b'"');
+}
+
+/// The eight bytes from `at` (the caller knows there are eight).
+fn word_at(bytes: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(w)
 }
 
 /// Whether any byte of `w` may need escaping: below 0x20, `"`, `\` or 0xE2 (the
@@ -172,6 +184,11 @@ mod tests {
             "almost \u{2027} and \u{202a} and â\u{80}",
             "é日本語🙂 with non-ASCII all along the string",
             "/wiki/api/v2/pages/1001?expand=body.storage&limit=25",
+            // Specials in a tail checked as the last eight bytes, and before it.
+            "12345678\"",
+            "1234567\"89",
+            "\"123456789",
+            "123456789abcdef\u{2028}",
         ] {
             let mut out = Vec::new();
             push_str(&mut out, s);

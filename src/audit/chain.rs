@@ -12,18 +12,22 @@ const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
 
 pub fn hex(bytes: &[u8]) -> String {
     let mut out = Vec::with_capacity(bytes.len() * 2);
-    push_hex(&mut out, bytes);
+    for chunk in bytes.chunks(32) {
+        out.extend_from_slice(&hex32(chunk)[..chunk.len() * 2]);
+    }
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Appends `bytes` in lower-case hex.
-fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+/// Up to 32 bytes (a SHA-256) in lower-case hex, built on the stack and
+/// appended in one go by the caller (two per record).
+fn hex32(bytes: &[u8]) -> [u8; 64] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.extend(
-        bytes
-            .iter()
-            .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0x0F)]]),
-    );
+    let mut text = [0u8; 64];
+    for (pair, b) in text.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0F)];
+    }
+    text
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -72,10 +76,13 @@ impl Head {
         body.update(b"}");
         let tail = out.len();
         out.extend_from_slice(b",\"hash\":\"");
-        push_hex(out, body.finish().as_ref());
+        out.extend_from_slice(&hex32(body.finish().as_ref()));
         out.extend_from_slice(b"\"}");
         prefix.update(&out[tail..]);
-        self.prev = hex(prefix.finish().as_ref());
+        let prev = hex32(prefix.finish().as_ref());
+        self.prev.clear();
+        self.prev
+            .push_str(std::str::from_utf8(&prev).unwrap_or_default());
         out.push(b'\n');
     }
 }
@@ -155,6 +162,19 @@ pub fn check_line(line: &str) -> Result<Checked, LineError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_table() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0xff, 0x1a, 0x09]), "00ff1a09");
+        let long: Vec<u8> = (0u8..70).collect();
+        let expected: String = long.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&long), expected);
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     #[test]
     fn a_multibyte_character_where_the_suffix_would_start_is_not_a_hash() {
