@@ -279,24 +279,6 @@ impl writer::Sink for Captured {
     fn tick(&mut self, _closing: bool) {}
 }
 
-/// Like `captured`, with the handle `Audit::start` makes on a runtime (best-effort
-/// records gathered) and at most `queue_limit` of them waiting.
-fn gathering(
-    queue_limit: usize,
-) -> (
-    Audit,
-    Arc<Shared>,
-    tokio::sync::mpsc::Receiver<writer::Job>,
-    Arc<Metrics>,
-) {
-    let metrics = Arc::new(Metrics::default());
-    let s = settings(Path::new("/nonexistent/audit.jsonl"), 1 << 20, 1);
-    let mut shared = Shared::new(s, Arc::default(), Arc::clone(&metrics));
-    Arc::get_mut(&mut shared).unwrap().queue_limit = queue_limit;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    (Audit::new(tx, Arc::clone(&shared)), shared, rx, metrics)
-}
-
 fn request_ids(records: &[Encoded]) -> Vec<String> {
     records
         .iter()
@@ -309,7 +291,7 @@ fn request_ids(records: &[Encoded]) -> Vec<String> {
 
 #[tokio::test]
 async fn best_effort_records_reach_the_writer_together_and_in_the_order_made() {
-    let (audit, shared, rx, _) = gathering(QUEUE);
+    let (audit, shared, rx, _) = captured(std::time::Duration::from_secs(5), 64, Some(QUEUE));
     let sink = Captured::default();
     let (records, batches, written) = (
         Arc::clone(&sink.records),
@@ -341,7 +323,7 @@ async fn best_effort_records_reach_the_writer_together_and_in_the_order_made() {
 
 #[tokio::test]
 async fn gathered_records_are_bounded_dropped_beyond_and_counted() {
-    let (audit, shared, rx, metrics) = gathering(3);
+    let (audit, shared, rx, metrics) = captured(std::time::Duration::from_secs(5), 64, Some(3));
     for i in 0..5 {
         audit.record(fields(i));
     }
@@ -358,9 +340,13 @@ async fn gathered_records_are_bounded_dropped_beyond_and_counted() {
     assert_eq!(shared.queued.load(Ordering::Acquire), 0, "room again");
 }
 
+/// A handle on a channel the test reads from (no writer yet). With `gather`,
+/// best-effort records are gathered as `Audit::start` does on a runtime, at most
+/// that many waiting.
 fn captured(
     write_timeout: std::time::Duration,
     queue: usize,
+    gather: Option<usize>,
 ) -> (
     Audit,
     Arc<Shared>,
@@ -370,23 +356,25 @@ fn captured(
     let metrics = Arc::new(Metrics::default());
     let mut s = settings(Path::new("/nonexistent/audit.jsonl"), 1 << 20, 1);
     s.write_timeout = write_timeout;
-    let shared = Shared::new(s, Arc::default(), Arc::clone(&metrics));
+    let mut shared = Shared::new(s, Arc::default(), Arc::clone(&metrics));
     let (tx, rx) = tokio::sync::mpsc::channel(queue);
-    (
-        Audit {
+    let audit = match gather {
+        Some(limit) => {
+            Arc::get_mut(&mut shared).unwrap().queue_limit = limit;
+            Audit::new(tx, Arc::clone(&shared))
+        }
+        None => Audit {
             tx,
             shared: Arc::clone(&shared),
             gathered: None,
         },
-        shared,
-        rx,
-        metrics,
-    )
+    };
+    (audit, shared, rx, metrics)
 }
 
 #[tokio::test]
 async fn a_full_queue_drops_best_effort_records_and_the_trail_says_how_many() {
-    let (audit, shared, rx, metrics) = captured(std::time::Duration::from_secs(5), 2);
+    let (audit, shared, rx, metrics) = captured(std::time::Duration::from_secs(5), 2, None);
     for i in 0..5 {
         audit.record(fields(i));
     }
@@ -411,7 +399,7 @@ async fn a_full_queue_drops_best_effort_records_and_the_trail_says_how_many() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_disk_fails_durable_writes_within_the_write_timeout() {
-    let (audit, shared, rx, metrics) = captured(std::time::Duration::from_millis(300), 64);
+    let (audit, shared, rx, metrics) = captured(std::time::Duration::from_millis(300), 64, None);
     let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sink = Captured {
         hold: Arc::clone(&hold),
