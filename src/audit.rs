@@ -30,8 +30,8 @@ use crate::config::AuditSettings;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 pub use record::Encoded;
-use writer::Job;
 pub use writer::Recovery;
+use writer::{Job, Waiter};
 
 /// Records waiting for the writer at most; beyond, best-effort records are
 /// dropped (and counted) and durable ones wait for room in the channel.
@@ -176,8 +176,19 @@ impl Gathered {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn take(&self) -> Vec<Encoded> {
-        std::mem::take(&mut *self.lock())
+    /// Sends the gathered records, then `durable`'s record, as one job through
+    /// `room`. The list stays locked until the job is in the channel, so jobs
+    /// enter it in the order their records were made, whichever thread sends.
+    fn hand_over(&self, room: mpsc::Permit<'_, Job>, durable: Option<(Encoded, Waiter)>) {
+        let mut list = self.lock();
+        let mut records = std::mem::take(&mut *list);
+        let durable = durable.map(|(record, waiter)| {
+            records.push(record);
+            waiter
+        });
+        if !records.is_empty() {
+            room.send(Job::Write { records, durable });
+        }
     }
 
     /// Hands the gathered records over once per turn of the runtime, until the
@@ -194,13 +205,7 @@ impl Gathered {
                 // Nothing is taken before there is room: a record is never
                 // held anywhere it could be lost.
                 let Ok(room) = tx.reserve().await else { return };
-                let records = gathered.take();
-                if !records.is_empty() {
-                    room.send(Job::Write {
-                        records,
-                        durable: None,
-                    });
-                }
+                gathered.hand_over(room, None);
             }
         });
     }
@@ -279,12 +284,7 @@ impl Audit {
         let work = async {
             let room = self.tx.reserve().await.map_err(|_| AuditError::Closed)?;
             // The best-effort records made before this one go first, in one job.
-            let mut records = self.take_gathered();
-            records.push(record);
-            room.send(Job::Write {
-                records,
-                durable: Some(done),
-            });
+            self.hand_over(room, Some((record, done)));
             wait.await.map_err(|_| AuditError::Closed)?
         };
         match tokio::time::timeout(limit, work).await {
@@ -332,8 +332,18 @@ impl Audit {
         self.shared.metrics.audit_dropped.inc();
     }
 
-    fn take_gathered(&self) -> Vec<Encoded> {
-        self.gathered.as_ref().map(|g| g.take()).unwrap_or_default()
+    fn hand_over(&self, room: mpsc::Permit<'_, Job>, durable: Option<(Encoded, Waiter)>) {
+        match &self.gathered {
+            Some(gathered) => gathered.hand_over(room, durable),
+            None => {
+                if let Some((record, waiter)) = durable {
+                    room.send(Job::Write {
+                        records: vec![record],
+                        durable: Some(waiter),
+                    });
+                }
+            }
+        }
     }
 
     /// Asks for the writer's periodic work (fsync of what is unsynced, a look at
@@ -345,13 +355,7 @@ impl Audit {
     /// Flushes and stops the writer.
     pub async fn close(&self) {
         if let Ok(room) = self.tx.reserve().await {
-            let records = self.take_gathered();
-            if !records.is_empty() {
-                room.send(Job::Write {
-                    records,
-                    durable: None,
-                });
-            }
+            self.hand_over(room, None);
         }
         let (done, wait) = oneshot::channel();
         if self.tx.send(Job::Close(done)).await.is_ok() {

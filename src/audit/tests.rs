@@ -321,6 +321,52 @@ async fn best_effort_records_reach_the_writer_together_and_in_the_order_made() {
     assert_eq!(shared.queued.load(Ordering::Acquire), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_requests_lose_no_gathered_record_and_keep_each_ones_order() {
+    let (audit, shared, rx, metrics) =
+        captured(std::time::Duration::from_secs(10), 64, Some(QUEUE));
+    let sink = Captured::default();
+    let records = Arc::clone(&sink.records);
+    let handle = writer::start_with(Box::new(sink), Arc::clone(&shared), rx).unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let audit = audit.clone();
+            tokio::spawn(async move {
+                for round in 0..5 {
+                    let i = (t * 5 + round) * 3;
+                    audit.record(fields(i));
+                    audit.durable(fields(i + 1)).await.unwrap();
+                    audit.record(fields(i + 2));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    audit.close().await;
+    handle.join().await;
+    let ids = request_ids(&records.lock().unwrap());
+    assert_eq!(metrics.audit_dropped.get(), 0);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let mut expected: Vec<String> = (0..64 * 5 * 3).map(|i| format!("r{i}")).collect();
+    expected.sort();
+    assert_eq!(sorted, expected, "every record exactly once");
+    let at = |i: usize| ids.iter().position(|id| *id == format!("r{i}")).unwrap();
+    for n in 0..64 * 5 {
+        let i = n * 3;
+        assert!(
+            at(i) < at(i + 1) && at(i + 1) < at(i + 2),
+            "request {n} out of order"
+        );
+        if n % 5 > 0 {
+            assert!(at(i - 1) < at(i), "one task's requests out of order at {n}");
+        }
+    }
+    assert_eq!(shared.queued.load(Ordering::Acquire), 0);
+}
+
 #[tokio::test]
 async fn gathered_records_are_bounded_dropped_beyond_and_counted() {
     let (audit, shared, rx, metrics) = captured(std::time::Duration::from_secs(5), 64, Some(3));

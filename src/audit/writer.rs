@@ -23,7 +23,7 @@ use crate::config::AuditSink;
 /// How many queued records one batch takes at most.
 pub const MAX_BATCH: usize = 1024;
 
-type Waiter = oneshot::Sender<Result<(), AuditError>>;
+pub type Waiter = oneshot::Sender<Result<(), AuditError>>;
 
 pub enum Job {
     /// Records in the order they were made; with `durable`, the last one is
