@@ -97,17 +97,13 @@ impl Exchange {
     /// The `phase: "start"` record of a bypass request, and its bytes to keep
     /// in `start_record` once it is durable.
     pub fn start_record(&self) -> (Encoded, record::Started) {
-        let mut truncated = Truncated::default();
-        self.request(None, 0, &mut truncated).start()
+        self.request(None, 0).start()
     }
 
     /// The `phase: "end"` record, from the start record's bytes when there is one.
     pub fn end_record(&mut self, status: u16, bytes_out: u64) -> Encoded {
         let Some(started) = self.start_record.take() else {
-            let mut truncated = Truncated::default();
-            return self
-                .request(Some(status), bytes_out, &mut truncated)
-                .encode();
+            return self.request(Some(status), bytes_out).encode();
         };
         started.end(&record::Outcome {
             status: Some(status),
@@ -119,14 +115,10 @@ impl Exchange {
     }
 
     /// The `request` record: `phase: "start"` (no status yet) or `"end"`.
-    fn request<'a>(
-        &'a self,
-        status: Option<u16>,
-        bytes_out: u64,
-        truncated: &mut Truncated<'a>,
-    ) -> record::Request<'a> {
+    fn request(&self, status: Option<u16>, bytes_out: u64) -> record::Request<'_> {
         let end = status.is_some();
         let lease = self.lease.as_ref().filter(|_| self.admin_key);
+        let mut truncated = Truncated::default();
         record::Request {
             phase: if end { "end" } else { "start" },
             request_id: self.request_id(),
@@ -159,7 +151,7 @@ impl Exchange {
                 self.user_agent()
                     .map(|u| Clip::new(u, record::MAX_USER_AGENT)),
             ),
-            truncated: *truncated,
+            truncated,
         }
     }
 
