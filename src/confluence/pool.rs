@@ -301,11 +301,7 @@ impl Inner {
                 .handshake(TokioIo::new(stream))
                 .await
                 .map_err(SendError::Http)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
+            drive(conn, "upstream HTTP/2 connection ended");
             *lock(&self.h2) = Some(sender.clone());
             return Ok(Conn::H2(sender));
         }
@@ -320,13 +316,21 @@ impl Inner {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
+        drive(conn, "upstream connection ended");
         Ok(Conn::H1(sender))
     }
+}
+
+/// Runs a connection's I/O in its own task until it ends.
+fn drive<C>(conn: C, ended: &'static str)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "{ended}");
+        }
+    });
 }
 
 fn timed_out(what: &str) -> SendError {
