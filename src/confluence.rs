@@ -5,6 +5,7 @@
 //! bounds the wait for the response head by the request timeout and maps failures
 //! to "unreachable" or "timed out" without exposing their text to clients.
 
+use std::future::Future;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -76,16 +77,22 @@ impl Upstream {
     }
 
     /// Sends a request; `timeout` bounds the wait for the response head.
-    pub async fn send(
+    pub fn send(
         &self,
         request: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<ResponseBody>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.pool.send(request)).await {
-            Err(_) => Err(UpstreamError::Timeout),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if is_timeout(&e) => Err(UpstreamError::Timeout),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
+    ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + '_ {
+        // Boxed: the pool's future (request, replay copy, connection) stays out
+        // of every caller's future, which the server keeps per connection and
+        // moves on every request.
+        let send = Box::pin(self.pool.send(request));
+        async move {
+            match tokio::time::timeout(timeout, send).await {
+                Err(_) => Err(UpstreamError::Timeout),
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) if is_timeout(&e) => Err(UpstreamError::Timeout),
+                Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
+            }
         }
     }
 }

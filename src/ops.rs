@@ -3,6 +3,7 @@
 
 pub mod key_api;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
@@ -119,7 +120,20 @@ impl<H: OpsHost> Handler for OpsHandler<H> {
         info
     }
 
-    async fn call(&self, request: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
+    async fn call<G: Send + 'static>(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+        in_flight: G,
+    ) -> Result<Response<Body>, Infallible> {
+        let response = self.answer(request, conn).await;
+        drop(in_flight);
+        Ok(response)
+    }
+}
+
+impl<H: OpsHost> OpsHandler<H> {
+    async fn answer(&self, request: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
         let get = matches!(*request.method(), Method::GET | Method::HEAD);
         let path = request.uri().path();
         if path == KEY_API || path.starts_with("/api/api_accesses/") {

@@ -19,6 +19,8 @@ mod forward;
 mod limits;
 mod rewrite;
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -153,43 +155,61 @@ impl Proxy {
         }
     }
 
-    pub async fn handle(&self, request: Request<Incoming>, conn: &ProxyConn) -> Response<Body> {
-        // 1. One id for the client, Confluence, the log and the audit record.
-        let request_id =
-            headers::client_request_id(request.headers()).unwrap_or_else(headers::new_request_id);
-        let policy = self.policy.load_full();
-        let mut ex = Exchange::new(&request, conn.info.peer, request_id);
-        let response = match self.process(request, conn, &policy, &mut ex).await {
-            Ok(response) => response,
-            Err(e) => e.to_response(&ex.request_id),
-        };
-        self.account(&ex, &policy, &conn.peer, response.status().as_u16());
-        self.finish(ex, response)
+    /// The whole exchange; never an error (the `Infallible` is what hyper's
+    /// services answer). One future per request, kept by the server for the
+    /// connection and moved on every request: it takes its inputs by value
+    /// (`async fn` would keep a second copy of each argument) and `in_flight`
+    /// is dropped once the response is ready.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would keep a second copy of each argument
+    pub fn handle<G: Send + 'static>(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        conn: Arc<ProxyConn>,
+        in_flight: G,
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
+        async move {
+            // 1. One id for the client, Confluence, the log and the audit record.
+            let request_id = headers::client_request_id(request.headers())
+                .unwrap_or_else(headers::new_request_id);
+            let policy = self.policy.load_full();
+            let mut ex = Exchange::new(&request, conn.info.peer, request_id);
+            let response = match self.process(request, &conn, &policy, &mut ex).await {
+                Ok(response) => response,
+                Err(e) => e.to_response(&ex.request_id),
+            };
+            self.account(&ex, &policy, &conn.peer, response.status().as_u16());
+            let response = self.finish(ex, response);
+            drop(in_flight);
+            Ok(response)
+        }
     }
 
     /// The phases; each refusal is a `ProxyError`.
-    async fn process(
-        &self,
+    #[allow(clippy::manual_async_fn)] // an `async fn` would keep a second copy of each argument
+    fn process<'a>(
+        &'a self,
         request: Request<Incoming>,
-        conn: &ProxyConn,
-        policy: &Policy,
-        ex: &mut Exchange,
-    ) -> Result<Response<Body>, ProxyError> {
-        let path = canonical_target(&request)?;
-        ex.path = Some(path.clone());
-        let key = self.authenticate(&request, conn, policy, ex).await?;
-        let route = self.authorize(&request, &path, &key, policy, ex)?;
-        if route.admin_key {
-            Box::pin(self.prepare_bypass(ex)).await?;
+        conn: &'a ProxyConn,
+        policy: &'a Policy,
+        ex: &'a mut Exchange,
+    ) -> impl Future<Output = Result<Response<Body>, ProxyError>> + Send + 'a {
+        async move {
+            let path = canonical_target(&request)?;
+            ex.path = Some(path.clone());
+            let key = self.authenticate(&request, conn, policy, ex).await?;
+            let route = self.authorize(&request, &path, &key, policy, ex)?;
+            if route.admin_key {
+                Box::pin(self.prepare_bypass(ex)).await?;
+            }
+            let public = rewrite::Public {
+                configured: policy.public_origin.as_ref(),
+                scheme: conn.info.proto,
+                authority: rewrite::request_authority(&request),
+                cache: &conn.origin,
+            };
+            let response = forward::send(self, request, &path, policy, conn, ex).await?;
+            self.respond(response, policy, &public, ex)
         }
-        let public = rewrite::Public {
-            configured: policy.public_origin.as_ref(),
-            scheme: conn.info.proto,
-            authority: rewrite::request_authority(&request),
-            cache: &conn.origin,
-        };
-        let response = forward::send(self, request, &path, policy, conn, ex).await?;
-        self.respond(response, policy, &public, ex)
     }
 
     /// 3. Exactly one credential, and a key that accepts it.
@@ -440,7 +460,12 @@ impl Handler for ProxyHandler {
         }
     }
 
-    async fn call(&self, request: Request<Incoming>, conn: Arc<ProxyConn>) -> Response<Body> {
-        self.0.handle(request, &conn).await
+    fn call<G: Send + 'static>(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        conn: Arc<ProxyConn>,
+        in_flight: G,
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
+        Arc::clone(&self.0).handle(request, conn, in_flight)
     }
 }

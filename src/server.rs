@@ -53,11 +53,17 @@ pub trait Handler: Send + Sync + 'static {
 
     fn connect(&self, info: ConnInfo) -> Self::Conn;
 
-    fn call(
-        &self,
+    /// Answers `request`. `in_flight` marks the request as being answered and
+    /// is to be dropped once the response is ready. The future is the one the
+    /// server keeps per connection and moves on every request: what it holds
+    /// across an `.await` is paid for per request, so it takes everything by
+    /// value and nests as few futures as it can.
+    fn call<G: Send + 'static>(
+        self: Arc<Self>,
         request: Request<Incoming>,
         conn: Arc<Self::Conn>,
-    ) -> impl Future<Output = Response<Body>> + Send;
+        in_flight: G,
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static;
 }
 
 /// Per-listener settings.
@@ -426,13 +432,7 @@ impl<H: Handler> Connection<H> {
         let in_service = Arc::clone(&tracker);
         let service = hyper::service::service_fn(move |request| {
             let flight = InFlight::new(&in_service);
-            let handler = Arc::clone(&handler);
-            let conn = Arc::clone(&conn);
-            async move {
-                let response = handler.call(request, conn).await;
-                drop(flight);
-                Ok::<_, Infallible>(response)
-            }
+            Arc::clone(&handler).call(request, Arc::clone(&conn), flight)
         });
         match tls {
             None => {

@@ -1,6 +1,8 @@
 //! Phase 6 and the cleaning half of phase 7: the request as Confluence gets it
 //! (headers, URI, body), and the response as the client gets it.
 
+use std::future::Future;
+
 use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
@@ -15,54 +17,58 @@ use crate::route::{CanonicalPath, PathError};
 
 /// Sends the request upstream: the client's credentials, trailers and any
 /// smuggled bypass go; the admin credential and keygate's headers come.
-pub(super) async fn send(
-    proxy: &Proxy,
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep a second copy of each argument
+pub(super) fn send<'a>(
+    proxy: &'a Proxy,
     request: Request<Incoming>,
-    path: &CanonicalPath,
-    policy: &Policy,
-    conn: &ProxyConn,
-    ex: &Exchange,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let (mut parts, incoming) = request.into_parts();
-    headers::to_upstream(
-        &mut parts.headers,
-        &UpstreamHeaders {
-            authorization: &policy.admin_authorization,
-            host: proxy.upstream.host(),
-            bypass: ex.admin_key,
-            request_id: &ex.request_id,
-            forwarded: &conn.forwarded,
-        },
-    );
-    if policy.rewrite_json {
-        // Compressed JSON cannot be rewritten as it streams; ask for it plain.
-        parts
-            .headers
-            .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    path: &'a CanonicalPath,
+    policy: &'a Policy,
+    conn: &'a ProxyConn,
+    ex: &'a Exchange,
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
+    // An async block, not an `async fn`: the request is held once, not twice.
+    async move {
+        let (mut parts, incoming) = request.into_parts();
+        headers::to_upstream(
+            &mut parts.headers,
+            &UpstreamHeaders {
+                authorization: &policy.admin_authorization,
+                host: proxy.upstream.host(),
+                bypass: ex.admin_key,
+                request_id: &ex.request_id,
+                forwarded: &conn.forwarded,
+            },
+        );
+        if policy.rewrite_json {
+            // Compressed JSON cannot be rewritten as it streams; ask for it plain.
+            parts
+                .headers
+                .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
+        parts.uri = proxy
+            .upstream
+            .uri(path.as_str(), parts.uri.query())
+            .map_err(|_| ProxyError::BadPath(PathError::InvalidCharacter))?;
+        parts.version = Version::HTTP_11;
+        let body = Guarded::new(incoming, Trailers::Drop)
+            .counting(std::sync::Arc::clone(&ex.bytes_in))
+            .idle_timeout(policy.body_idle_timeout)
+            .counting_stalls(&proxy.metrics.body_idle_timeouts);
+        let upstream_request = Request::from_parts(parts, body::boxed_as_is(body));
+        let sent = std::time::Instant::now();
+        let response = proxy
+            .upstream
+            .send(upstream_request, policy.request_timeout)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(request_id = %ex.request_id(), error = %e, "upstream request failed");
+            })?;
+        proxy
+            .metrics
+            .upstream_duration
+            .observe(sent.elapsed().as_secs_f64());
+        Ok(response)
     }
-    parts.uri = proxy
-        .upstream
-        .uri(path.as_str(), parts.uri.query())
-        .map_err(|_| ProxyError::BadPath(PathError::InvalidCharacter))?;
-    parts.version = Version::HTTP_11;
-    let body = Guarded::new(incoming, Trailers::Drop)
-        .counting(std::sync::Arc::clone(&ex.bytes_in))
-        .idle_timeout(policy.body_idle_timeout)
-        .counting_stalls(&proxy.metrics.body_idle_timeouts);
-    let upstream_request = Request::from_parts(parts, body::boxed_as_is(body));
-    let sent = std::time::Instant::now();
-    let response = proxy
-        .upstream
-        .send(upstream_request, policy.request_timeout)
-        .await
-        .inspect_err(|e| {
-            tracing::warn!(request_id = %ex.request_id(), error = %e, "upstream request failed");
-        })?;
-    proxy
-        .metrics
-        .upstream_duration
-        .observe(sent.elapsed().as_secs_f64());
-    Ok(response)
 }
 
 /// The response as the client gets it: no cookies, no hop-by-hop headers, the
