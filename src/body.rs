@@ -95,6 +95,8 @@ pub struct Guarded<B> {
     stalls: Option<prometheus_client::metrics::counter::Counter>,
     /// Trailers waiting while held-back data is flushed first.
     pending: Option<Frame<Bytes>>,
+    /// A frame already taken from `inner` (a look-ahead), passed on first.
+    first: Option<Result<Frame<Bytes>, BoxError>>,
     /// The inner body ended; held-back data was flushed.
     drained: bool,
     finish: Option<Finish>,
@@ -112,6 +114,7 @@ impl<B> Guarded<B> {
             transform: None,
             stalls: None,
             pending: None,
+            first: None,
             drained: false,
             finish: None,
             ended: false,
@@ -136,6 +139,13 @@ impl<B> Guarded<B> {
         counter: &prometheus_client::metrics::counter::Counter,
     ) -> Self {
         self.stalls = Some(counter.clone());
+        self
+    }
+
+    /// Starts with `first`, a frame already polled from the inner body; it is
+    /// counted, transformed and checked like the ones that follow.
+    pub fn starting_with(mut self, first: Result<Frame<Bytes>, BoxError>) -> Self {
+        self.first = Some(first);
         self
     }
 
@@ -188,7 +198,11 @@ where
             return Poll::Ready(None);
         }
         loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            let polled = match this.first.take() {
+                Some(first) => Poll::Ready(Some(first)),
+                None => Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into),
+            };
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let (Some(idle), Some(sleep)) = (this.idle, &mut this.sleep) {
                         sleep.as_mut().reset(Instant::now() + idle);
@@ -228,7 +242,7 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.done(End::Cut);
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => {
                     let held = this.transform.as_mut().map(|t| t.finish());
@@ -260,11 +274,12 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.pending.is_none()
+            && self.first.is_none()
             && (self.ended || (self.transform.is_none() && self.inner.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.transform.is_some() {
+        if self.transform.is_some() || self.first.is_some() {
             SizeHint::default()
         } else {
             self.inner.size_hint()
@@ -306,6 +321,33 @@ mod tests {
             map.insert(*k, http::HeaderValue::from_static(v));
         }
         Frame::trailers(map)
+    }
+
+    #[tokio::test]
+    async fn a_frame_taken_ahead_comes_first_and_is_counted_like_the_rest() {
+        let rest = || Frames {
+            frames: VecDeque::from([Frame::data(Bytes::from_static(b"cd"))]),
+            stall: false,
+        };
+        let count = Arc::new(AtomicU64::new(0));
+        let body = Guarded::new(rest(), Trailers::Clean)
+            .counting(Arc::clone(&count))
+            .starting_with(Ok(Frame::data(Bytes::from_static(b"ab"))));
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), None);
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&all[..], b"abcd");
+        assert_eq!(count.load(Ordering::Relaxed), 4);
+
+        // An error taken ahead is the body's first answer, and ends it.
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let seen = Arc::clone(&ended);
+        let body = Guarded::new(rest(), Trailers::Clean)
+            .starting_with(Err("reset".into()))
+            .on_end(move |bytes, how| *seen.lock().unwrap() = Some((bytes, how)));
+        let error = body.collect().await.err().unwrap();
+        assert_eq!(error.to_string(), "reset");
+        assert_eq!(*ended.lock().unwrap(), Some((0, End::Cut)));
     }
 
     #[tokio::test]

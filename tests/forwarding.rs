@@ -539,3 +539,96 @@ async fn an_upstream_that_silently_closes_kept_alive_connections_loses_and_repea
     assert_eq!(served.load(Ordering::SeqCst), 200);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_here_with_its_head_keeps_a_length_and_one_still_coming_streams() {
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // An upstream whose JSON names its own origin. `/now` answers head and body
+    // in one write; `/later` sends the head and holds the body until told.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let origin = format!("http://127.0.0.1:{port}");
+    let body = format!(
+        r#"{{"_links":{{"base":"{origin}/wiki"}},"pad":"{}"}}"#,
+        "x".repeat(100)
+    );
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let release = std::sync::Arc::new(tokio::sync::Mutex::new(Some(release_rx)));
+    let upstream_body = body.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let (body, release) = (upstream_body.clone(), std::sync::Arc::clone(&release));
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply_head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if head.starts_with(b"GET /wiki/later") {
+                        tcp.write_all(reply_head.as_bytes()).await.unwrap();
+                        let wait = release.lock().await.take().unwrap();
+                        wait.await.unwrap();
+                        tcp.write_all(body.as_bytes()).await.unwrap();
+                    } else {
+                        tcp.write_all(format!("{reply_head}{body}").as_bytes())
+                            .await
+                            .unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let h = Harness::start_with(support::Setup {
+        base_url: Some(origin.clone()),
+        routes:
+            "routes:\n  - name: all\n    methods: [GET]\n    path: /wiki/**\n    roles: [reader]\n"
+                .into(),
+        listen_extra: "  public_url: https://keygate.example.com\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let auth = h.reader.basic();
+    let rewritten = body.replace(&origin, "https://keygate.example.com");
+    assert_ne!(
+        rewritten.len(),
+        body.len(),
+        "the rewrite changes the length"
+    );
+
+    // All there with its head: rewritten at once, with the new length.
+    let reply = get(&h.url("/wiki/now"), &[("Authorization", &auth)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), rewritten);
+    assert_eq!(reply.headers["content-length"], rewritten.len().to_string());
+    assert!(reply.headers.get("transfer-encoding").is_none());
+
+    // Still coming: the head is not held for it; the body streams, rewritten.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let request = http::Request::get(h.url("/wiki/later"))
+        .header("Authorization", &auth)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response =
+        tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request))
+            .await
+            .expect("the head waited for the body")
+            .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("content-length").is_none());
+    assert_eq!(response.headers()["transfer-encoding"], "chunked");
+    release_tx.send(()).unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&text), rewritten);
+    h.stop().await;
+}

@@ -2,6 +2,11 @@
 //! (headers, URI, body), and the response as the client gets it.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http_body::{Body as _, Frame};
 
 use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, Version};
@@ -9,7 +14,7 @@ use hyper::body::Incoming;
 
 use super::rewrite::Public;
 use super::{Exchange, Policy, Proxy, ProxyConn};
-use crate::body::{self, Body, Guarded, Trailers};
+use crate::body::{self, Body, BoxError, Guarded, Trailers};
 use crate::confluence::ResponseBody;
 use crate::error::ProxyError;
 use crate::headers::{self, UpstreamHeaders, X_REQUEST_ID};
@@ -80,27 +85,87 @@ pub(super) fn clean_response(
     public: &Public<'_>,
     ex: &Exchange,
 ) -> Response<Body> {
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, mut incoming) = response.into_parts();
     headers::strip_response(&mut parts.headers);
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), ex.request_id.clone());
     proxy.site.rewrite_headers(&mut parts.headers, public);
-    let guarded = Guarded::new(incoming, Trailers::Clean)
-        .idle_timeout(policy.body_idle_timeout)
-        .counting_stalls(&proxy.metrics.body_idle_timeouts);
     let rewrite = policy.rewrite_json
         && ex.method != Method::HEAD
         && is_plain_json(&parts.headers)
         && !matches!(parts.status.as_u16(), 204 | 304);
-    let body = if rewrite {
-        // The length changes with the rewrite: the body goes chunked.
-        parts.headers.remove(CONTENT_LENGTH);
-        body::boxed_as_is(guarded.transforming(proxy.site.json_rewriter(public.resolve())))
-    } else {
-        body::boxed_as_is(guarded)
+    if !rewrite {
+        return Response::from_parts(parts, body::boxed_as_is(guard(incoming, proxy, policy)));
+    }
+    let mut rewriter = proxy.site.json_rewriter(public.resolve());
+    let body = match look_ahead(&mut incoming, &parts.headers) {
+        Ahead::Whole(data) => {
+            // The whole body is here: rewritten at once, it keeps a length.
+            let data = rewriter.push_bytes(data, true);
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(data.len()));
+            body::full(data)
+        }
+        ahead => {
+            // The length changes with the rewrite: the body goes chunked.
+            parts.headers.remove(CONTENT_LENGTH);
+            let guarded = guard(incoming, proxy, policy).transforming(rewriter);
+            match ahead {
+                Ahead::First(frame) => body::boxed_as_is(guarded.starting_with(frame)),
+                _ => body::boxed_as_is(guarded),
+            }
+        }
     };
     Response::from_parts(parts, body)
+}
+
+fn guard(incoming: ResponseBody, proxy: &Proxy, policy: &Policy) -> Guarded<ResponseBody> {
+    Guarded::new(incoming, Trailers::Clean)
+        .idle_timeout(policy.body_idle_timeout)
+        .counting_stalls(&proxy.metrics.body_idle_timeouts)
+}
+
+/// What one look at a response body found.
+enum Ahead {
+    /// All of it (as many bytes as `Content-Length` said, in one frame).
+    Whole(Bytes),
+    /// A frame (or an error) that is not all of it, to pass on first.
+    First(Result<Frame<Bytes>, BoxError>),
+    /// Nothing yet, or not looked at.
+    Nothing,
+}
+
+/// The largest body looked at before its head is sent.
+const LOOK_AHEAD_MAX: u64 = 256 * 1024;
+
+/// Takes the response body's first frame if it is already there (it usually
+/// came in with the head): a small JSON body that is all there can be
+/// rewritten at once and keep a `Content-Length`, instead of going chunked.
+/// Never waits: a body still on its way streams as before.
+fn look_ahead(incoming: &mut ResponseBody, headers: &http::HeaderMap) -> Ahead {
+    let length = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(length) = length.filter(|n| (1..=LOOK_AHEAD_MAX).contains(n)) else {
+        return Ahead::Nothing;
+    };
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(&mut *incoming).poll_frame(&mut cx) {
+        Poll::Pending => Ahead::Nothing,
+        Poll::Ready(None) => Ahead::Whole(Bytes::new()),
+        Poll::Ready(Some(Err(e))) => Ahead::First(Err(e.into())),
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            // All the bytes, and the end (no trailers to follow).
+            Ok(data) if data.len() as u64 == length && incoming.is_end_stream() => {
+                Ahead::Whole(data)
+            }
+            Ok(data) => Ahead::First(Ok(Frame::data(data))),
+            Err(frame) => Ahead::First(Ok(frame)),
+        },
+    }
 }
 
 /// JSON without a content encoding (a compressed body passes unchanged).
