@@ -113,11 +113,21 @@ impl ProxyConn {
 
     fn remember(&self, header: &HeaderValue, generation: u64, key: &Arc<ApiKey>) {
         *self.memo.lock().unwrap_or_else(|p| p.into_inner()) = Some(Memo {
-            header: header.clone(),
+            header: detached(header),
             generation,
             key: Arc::clone(key),
         });
     }
+}
+
+/// A copy of a header value that shares no memory with the request it came
+/// from: a clone would keep the connection's whole read buffer alive (and
+/// make hyper allocate another) for as long as the copy is kept.
+pub(crate) fn detached(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(value.as_bytes()))
+        .unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
 }
 
 /// The parts a `Proxy` is built from.
@@ -467,5 +477,32 @@ impl Handler for ProxyHandler {
         in_flight: G,
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
         Arc::clone(&self.0).handle(request, conn, in_flight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detached_header_value_is_equal_and_shares_no_memory() {
+        let buffer =
+            bytes::Bytes::from_static(b"Host: keygate.example\r\nAuthorization: Basic eA==\r\n")
+                .slice(..);
+        let shared = HeaderValue::from_maybe_shared(buffer.slice(6..21)).unwrap();
+        let mut secret = HeaderValue::from_maybe_shared(buffer.slice(38..48)).unwrap();
+        secret.set_sensitive(true);
+        for value in [&shared, &secret] {
+            let copy = detached(value);
+            assert_eq!(&copy, value);
+            assert_eq!(copy.is_sensitive(), value.is_sensitive());
+            let range = buffer.as_ptr_range();
+            assert!(
+                !range.contains(&copy.as_bytes().as_ptr()),
+                "a slice of the buffer"
+            );
+        }
+        assert_eq!(detached(&shared), "keygate.example");
+        assert_eq!(detached(&secret), "Basic eA==");
     }
 }

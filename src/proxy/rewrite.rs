@@ -103,7 +103,7 @@ impl Public<'_> {
             _ => String::new(),
         };
         let value = Replacement::new(origin);
-        *cache = Some((authority.clone(), Arc::clone(&value)));
+        *cache = Some((super::detached(authority), Arc::clone(&value)));
         value
     }
 }
