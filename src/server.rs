@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -274,26 +275,77 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn builder(options: &ServeOptions) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The watchdog times heads (once per connection, not a timer per request).
-        .header_read_timeout(None)
-        .max_headers(MAX_HEADERS)
-        .max_buf_size(options.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(32)
-        .max_local_error_reset_streams(256)
-        .max_send_buf_size(256 * 1024)
-        .keep_alive_interval(options.idle_timeout / 2)
-        .keep_alive_timeout(Duration::from_secs(20))
-        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
-    builder
+/// The server side of each protocol, configured once per listener: HTTP/1.1
+/// and HTTP/2 for connections whose protocol is known from their first bytes
+/// (or ALPN), `auto` for the rest.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+// The same settings on hyper's builders and on hyper-util's wrappers of them
+// (different types with the same methods).
+macro_rules! http1_settings {
+    ($builder:expr, $options:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            // The watchdog times heads (once per connection, not a timer per request).
+            .header_read_timeout(None)
+            .max_headers(MAX_HEADERS)
+            .max_buf_size($options.max_header_bytes.max(8192))
+    };
+}
+
+macro_rules! http2_settings {
+    ($builder:expr, $options:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(32)
+            .max_local_error_reset_streams(256)
+            .max_send_buf_size(256 * 1024)
+            .keep_alive_interval($options.idle_timeout / 2)
+            .keep_alive_timeout(Duration::from_secs(20))
+            .max_header_list_size(u32::try_from($options.max_header_bytes).unwrap_or(u32::MAX))
+    };
+}
+
+impl Builders {
+    fn new(options: &ServeOptions) -> Self {
+        let mut h1 = http1::Builder::new();
+        http1_settings!(h1, options);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        http2_settings!(h2, options);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        http1_settings!(auto.http1(), options);
+        http2_settings!(auto.http2(), options);
+        Builders { h1, h2, auto }
+    }
+}
+
+/// What the client speaks on a plain connection, from the bytes it sent first
+/// (looked at, not read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    Http1,
+    /// The whole HTTP/2 connection preface: h2c with prior knowledge.
+    Http2,
+    /// A beginning of the preface, not all of it yet.
+    Unsure,
+}
+
+/// The HTTP/2 connection preface (RFC 9113, 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn speaks(first: &[u8]) -> Speaks {
+    if !PREFACE.starts_with(first) {
+        Speaks::Http1
+    } else if first.len() == PREFACE.len() {
+        Speaks::Http2
+    } else {
+        Speaks::Unsure
+    }
 }
 
 /// Serves `listener` until `shutdown`, then drains open connections.
@@ -304,7 +356,7 @@ pub async fn serve<H: Handler>(
     options: ServeOptions,
     mut shutdown: Shutdown,
 ) {
-    let builder = Arc::new(builder(&options));
+    let builders = Arc::new(Builders::new(&options));
     let limit = Arc::new(Semaphore::new(options.max_connections));
     let registry = Arc::new(Registry::default());
     let proto = if tls.is_some() { "https" } else { "http" };
@@ -351,7 +403,7 @@ pub async fn serve<H: Handler>(
             info: ConnInfo { peer, proto },
             tls: tls.clone(),
             handler: Arc::clone(&handler),
-            builder: Arc::clone(&builder),
+            builders: Arc::clone(&builders),
             options: options.clone(),
             tracker,
             shutdown: shutdown.clone(),
@@ -406,7 +458,7 @@ struct Connection<H: Handler> {
     info: ConnInfo,
     tls: Option<TlsAcceptor>,
     handler: Arc<H>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     options: ServeOptions,
     tracker: Arc<Tracker>,
     shutdown: Shutdown,
@@ -419,10 +471,10 @@ impl<H: Handler> Connection<H> {
             info,
             tls,
             handler,
-            builder,
+            builders,
             options,
             tracker,
-            shutdown,
+            mut shutdown,
         } = self;
         let watched = Watched {
             inner: stream,
@@ -436,17 +488,59 @@ impl<H: Handler> Connection<H> {
         });
         match tls {
             None => {
-                let connection = builder
-                    .serve_connection(TokioIo::new(watched), service)
-                    .into_owned();
-                watch_connection(
-                    connection,
-                    |c| c.graceful_shutdown(),
-                    &tracker,
-                    &options,
-                    shutdown,
-                )
-                .await;
+                // Which protocol, from the first bytes while they are still in the
+                // socket: hyper then reads the whole first request in one go, with
+                // no rewinding layer under every later read.
+                let mut first = [0u8; PREFACE.len()];
+                let peeked = tokio::select! {
+                    peeked = tokio::time::timeout(options.header_read_timeout, watched.inner.peek(&mut first)) => peeked,
+                    _ = tracker.close.notified() => return,
+                    _ = shutdown.wait() => return,
+                };
+                let n = match peeked {
+                    Ok(Ok(0) | Err(_)) => return,
+                    Ok(Ok(n)) => n,
+                    Err(_) => {
+                        count_closed(&options, "header_timeout");
+                        return;
+                    }
+                };
+                let io = TokioIo::new(watched);
+                match speaks(&first[..n]) {
+                    Speaks::Http1 => {
+                        let connection = builders.h1.serve_connection(io, service);
+                        watch_connection(
+                            connection,
+                            |c| c.graceful_shutdown(),
+                            &tracker,
+                            &options,
+                            shutdown,
+                        )
+                        .await;
+                    }
+                    Speaks::Http2 => {
+                        let connection = builders.h2.serve_connection(io, service);
+                        watch_connection(
+                            connection,
+                            |c| c.graceful_shutdown(),
+                            &tracker,
+                            &options,
+                            shutdown,
+                        )
+                        .await;
+                    }
+                    Speaks::Unsure => {
+                        let connection = builders.auto.serve_connection(io, service).into_owned();
+                        watch_connection(
+                            connection,
+                            |c| c.graceful_shutdown(),
+                            &tracker,
+                            &options,
+                            shutdown,
+                        )
+                        .await;
+                    }
+                }
             }
             Some(acceptor) => {
                 let handshake =
@@ -462,7 +556,8 @@ impl<H: Handler> Connection<H> {
                         return;
                     }
                 };
-                let connection = builder
+                let connection = builders
+                    .auto
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
                 watch_connection(
@@ -551,6 +646,34 @@ async fn watch_connection<C: Future<Output = O> + Send, O: Send>(
                 draining = true;
                 graceful(connection.as_mut());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_http1_from_a_preface_and_a_beginning_of_one() {
+        let cases: &[(&[u8], Speaks)] = &[
+            (b"GET / HTTP/1.1\r\n", Speaks::Http1),
+            (b"G", Speaks::Http1),
+            (b"POST /wiki HTTP/1.1\r\n", Speaks::Http1),
+            (b"PRI * HTTP/1.1\r\n", Speaks::Http1),
+            (b"PUT", Speaks::Http1),
+            (b"P", Speaks::Unsure),
+            (b"PRI * HTTP/2.0\r\n", Speaks::Unsure),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r", Speaks::Unsure),
+            (PREFACE, Speaks::Http2),
+        ];
+        for (first, expected) in cases {
+            assert_eq!(
+                speaks(first),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(first)
+            );
         }
     }
 }

@@ -489,3 +489,62 @@ async fn a_head_trickled_byte_by_byte_on_a_keepalive_connection_is_cut() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn requests_whose_first_bytes_come_in_pieces_are_served_in_either_protocol() {
+    let h = Harness::start().await;
+    let auth = h.reader.basic();
+    // HTTP/1.1 whose first byte could begin the HTTP/2 preface, sent in pieces.
+    let mut h1 = TcpStream::connect(h.addr).await.unwrap();
+    let head = format!("POST {PAGE} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let (first, rest) = head.as_bytes().split_at(1);
+    h1.write_all(first).await.unwrap();
+    h1.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    h1.write_all(rest).await.unwrap();
+    let mut reply = Vec::new();
+    h1.read_to_end(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    // The dev routes allow GET only: a 403 from keygate, not a protocol error.
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+
+    // An HTTP/2 preface in two pieces, then a GET on stream 1.
+    let mut h2 = TcpStream::connect(h.addr).await.unwrap();
+    let opening = h2raw::opening();
+    h2.write_all(&opening[..10]).await.unwrap();
+    h2.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    h2.write_all(&opening[10..]).await.unwrap();
+    let fields = h2raw::block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", PAGE.as_bytes()),
+        (b":authority", b"x"),
+        (b"authorization", auth.as_bytes()),
+    ]);
+    h2.write_all(&h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_STREAM | h2raw::END_HEADERS,
+        1,
+        &fields,
+    ))
+    .await
+    .unwrap();
+    // Frames until the response HEADERS on stream 1 (its status is the first
+    // field, `:status: 200` indexed as 0x88).
+    let mut status = None;
+    while status.is_none() {
+        let mut head = [0u8; 9];
+        h2.read_exact(&mut head).await.unwrap();
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        h2.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if head[3] == h2raw::HEADERS && stream == 1 {
+            status = payload.first().copied();
+        }
+    }
+    assert_eq!(status, Some(0x88), "the response is a 200");
+    drop(h2);
+    h.stop().await;
+}
