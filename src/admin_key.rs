@@ -316,9 +316,10 @@ impl AdminKeys {
         let give_up = started + self.settings.load().wait_bound;
         let mut state = self.state.clone();
         let mut waiting = None;
+        // One clock read on the way through (the usual case: a key is held).
+        let mut now = started;
         loop {
             {
-                let now = Instant::now();
                 let current = state.borrow_and_update();
                 if let Some(key) = current.usable_key(now) {
                     if key.wants_attention(now) {
@@ -341,7 +342,7 @@ impl AdminKeys {
             }
             self.demand.notify.notify_one();
             match tokio::time::timeout_at(give_up, state.changed()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => now = Instant::now(),
                 Ok(Err(_)) => {
                     return Err(Unavailable {
                         retry_after: Duration::from_secs(1),

@@ -392,9 +392,10 @@ impl Proxy {
         policy
             .counters
             .count(ex.route.as_ref().map(|(i, _)| *i), ex.admin_key, status);
+        let elapsed = ex.started.elapsed();
         self.metrics
             .request_duration(ex.admin_key)
-            .observe(ex.started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         if let Some(reason) = ex.auth_failure {
             self.metrics.auth_failure(reason).inc();
         }
@@ -411,7 +412,7 @@ impl Proxy {
                     route: ex.route_name(),
                     admin_key: ex.admin_key,
                     auth_failure: ex.auth_failure,
-                    duration_ms: ex.elapsed_ms(),
+                    duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 });
             }
         }
