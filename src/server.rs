@@ -476,6 +476,19 @@ impl<H: Handler> Connection<H> {
             tracker,
             mut shutdown,
         } = self;
+        // Drives a connection (each protocol's type) under the watchdog.
+        macro_rules! watched {
+            ($connection:expr) => {
+                watch_connection(
+                    $connection,
+                    |c| c.graceful_shutdown(),
+                    &tracker,
+                    &options,
+                    shutdown,
+                )
+                .await
+            };
+        }
         let watched = Watched {
             inner: stream,
             tracker: Arc::clone(&tracker),
@@ -507,38 +520,10 @@ impl<H: Handler> Connection<H> {
                 };
                 let io = TokioIo::new(watched);
                 match speaks(&first[..n]) {
-                    Speaks::Http1 => {
-                        let connection = builders.h1.serve_connection(io, service);
-                        watch_connection(
-                            connection,
-                            |c| c.graceful_shutdown(),
-                            &tracker,
-                            &options,
-                            shutdown,
-                        )
-                        .await;
-                    }
-                    Speaks::Http2 => {
-                        let connection = builders.h2.serve_connection(io, service);
-                        watch_connection(
-                            connection,
-                            |c| c.graceful_shutdown(),
-                            &tracker,
-                            &options,
-                            shutdown,
-                        )
-                        .await;
-                    }
+                    Speaks::Http1 => watched!(builders.h1.serve_connection(io, service)),
+                    Speaks::Http2 => watched!(builders.h2.serve_connection(io, service)),
                     Speaks::Unsure => {
-                        let connection = builders.auto.serve_connection(io, service).into_owned();
-                        watch_connection(
-                            connection,
-                            |c| c.graceful_shutdown(),
-                            &tracker,
-                            &options,
-                            shutdown,
-                        )
-                        .await;
+                        watched!(builders.auto.serve_connection(io, service).into_owned())
                     }
                 }
             }
@@ -560,14 +545,7 @@ impl<H: Handler> Connection<H> {
                     .auto
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
-                watch_connection(
-                    connection,
-                    |c| c.graceful_shutdown(),
-                    &tracker,
-                    &options,
-                    shutdown,
-                )
-                .await;
+                watched!(connection);
             }
         }
     }

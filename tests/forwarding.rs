@@ -481,7 +481,7 @@ async fn upstream_connections_are_reused_and_an_abandoned_body_takes_its_connect
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_silently_closes_kept_alive_connections_loses_and_repeats_nothing() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     // An upstream that answers as if keeping the connection alive, then closes
     // it: every pooled connection is dead by its next use, the race every
     // keep-alive client meets.
@@ -494,13 +494,8 @@ async fn an_upstream_that_silently_closes_kept_alive_connections_loses_and_repea
             let (mut tcp, _) = listener.accept().await.unwrap();
             let counter = std::sync::Arc::clone(&counter);
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut tcp).await.is_none() {
+                    return;
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
                 let body = r#"{"id":"1001"}"#;
@@ -543,7 +538,7 @@ async fn an_upstream_that_silently_closes_kept_alive_connections_loses_and_repea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_body_here_with_its_head_keeps_a_length_and_one_still_coming_streams() {
     use http_body_util::BodyExt as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     // An upstream whose JSON names its own origin. `/now` answers head and body
     // in one write; `/later` sends the head and holds the body until told.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -561,15 +556,7 @@ async fn a_json_body_here_with_its_head_keeps_a_length_and_one_still_coming_stre
             let (mut tcp, _) = listener.accept().await.unwrap();
             let (body, release) = (upstream_body.clone(), std::sync::Arc::clone(&release));
             tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
+                while let Some(head) = read_head(&mut tcp).await {
                     let reply_head = format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                         body.len()
@@ -631,4 +618,18 @@ async fn a_json_body_here_with_its_head_keeps_a_length_and_one_still_coming_stre
     let text = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(String::from_utf8_lossy(&text), rewritten);
     h.stop().await;
+}
+
+/// Reads one request head off a raw upstream connection (None: it closed).
+async fn read_head(tcp: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
 }
