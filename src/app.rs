@@ -25,7 +25,7 @@ use crate::confluence::{AdminCredential, Upstream, UpstreamAdminApi};
 use crate::log_sink::LogSink;
 use crate::metrics::Metrics;
 use crate::ops::{Change, KeyChangeGuard, OpsHandler, OpsHost};
-use crate::proxy::{Parts, Policy, Proxy, ProxyHandler, Site};
+use crate::proxy::{Parts, Policy, Proxy, Site};
 use crate::readiness::Readiness;
 use crate::server::{self, ServeOptions};
 use crate::state::{Db, DbError};
@@ -509,7 +509,7 @@ impl App {
         tasks.spawn(server::serve(
             self.listener,
             self.tls,
-            Arc::new(ProxyHandler(Arc::clone(&shared.proxy))),
+            Arc::clone(&shared.proxy),
             self.options.clone(),
             stop.clone(),
         ));

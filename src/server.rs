@@ -477,7 +477,7 @@ impl<H: Handler> Connection<H> {
             mut shutdown,
         } = self;
         // Drives a connection (each protocol's type) under the watchdog.
-        macro_rules! watched {
+        macro_rules! supervised {
             ($connection:expr) => {
                 watch_connection(
                     $connection,
@@ -520,10 +520,10 @@ impl<H: Handler> Connection<H> {
                 };
                 let io = TokioIo::new(watched);
                 match speaks(&first[..n]) {
-                    Speaks::Http1 => watched!(builders.h1.serve_connection(io, service)),
-                    Speaks::Http2 => watched!(builders.h2.serve_connection(io, service)),
+                    Speaks::Http1 => supervised!(builders.h1.serve_connection(io, service)),
+                    Speaks::Http2 => supervised!(builders.h2.serve_connection(io, service)),
                     Speaks::Unsure => {
-                        watched!(builders.auto.serve_connection(io, service).into_owned())
+                        supervised!(builders.auto.serve_connection(io, service).into_owned())
                     }
                 }
             }
@@ -545,7 +545,7 @@ impl<H: Handler> Connection<H> {
                     .auto
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
-                watched!(connection);
+                supervised!(connection);
             }
         }
     }

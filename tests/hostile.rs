@@ -548,3 +548,33 @@ async fn requests_whose_first_bytes_come_in_pieces_are_served_in_either_protocol
     drop(h2);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_beginning_of_the_http2_preface_then_silence_is_closed_at_the_header_timeout() {
+    let h = Harness::start_with(tight_limits()).await;
+    // Undecided between the protocols: it waits in the auto-detection, watched.
+    let mut partial = TcpStream::connect(h.addr).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // Many at once, each a few bytes: none holds keygate's attention.
+    let mut many = Vec::new();
+    for i in 0..32 {
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(if i % 2 == 0 { b"P" } else { b"G" })
+            .await
+            .unwrap();
+        many.push(s);
+    }
+    assert!(
+        closed_within(&mut partial, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "half a preface stayed open"
+    );
+    for s in &mut many {
+        assert!(closed_within(s, Duration::from_secs(5)).await.is_some());
+    }
+    // And the listener still serves.
+    let reply = get(&h.url(PAGE), &[("Authorization", &h.reader.basic())]).await;
+    assert_eq!(reply.status, 200);
+    h.stop().await;
+}

@@ -108,14 +108,14 @@ pub(super) fn clean_response(
                 .insert(CONTENT_LENGTH, HeaderValue::from(data.len()));
             body::full(data)
         }
-        ahead => {
+        Ahead::Streaming(first) => {
             // The length changes with the rewrite: the body goes chunked.
             parts.headers.remove(CONTENT_LENGTH);
-            let guarded = guard(incoming, proxy, policy).transforming(rewriter);
-            match ahead {
-                Ahead::First(frame) => body::boxed_as_is(guarded.starting_with(frame)),
-                _ => body::boxed_as_is(guarded),
+            let mut guarded = guard(incoming, proxy, policy).transforming(rewriter);
+            if let Some(first) = first {
+                guarded = guarded.starting_with(first);
             }
+            body::boxed_as_is(guarded)
         }
     };
     Response::from_parts(parts, body)
@@ -131,10 +131,8 @@ fn guard(incoming: ResponseBody, proxy: &Proxy, policy: &Policy) -> Guarded<Resp
 enum Ahead {
     /// All of it (as many bytes as `Content-Length` said, in one frame).
     Whole(Bytes),
-    /// A frame (or an error) that is not all of it, to pass on first.
-    First(Result<Frame<Bytes>, BoxError>),
-    /// Nothing yet, or not looked at.
-    Nothing,
+    /// Not all of it: streams, starting with the frame (or error) taken, if any.
+    Streaming(Option<Result<Frame<Bytes>, BoxError>>),
 }
 
 /// The largest body looked at before its head is sent.
@@ -150,20 +148,20 @@ fn look_ahead(incoming: &mut ResponseBody, headers: &http::HeaderMap) -> Ahead {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let Some(length) = length.filter(|n| (1..=LOOK_AHEAD_MAX).contains(n)) else {
-        return Ahead::Nothing;
+        return Ahead::Streaming(None);
     };
     let mut cx = Context::from_waker(Waker::noop());
     match Pin::new(&mut *incoming).poll_frame(&mut cx) {
-        Poll::Pending => Ahead::Nothing,
+        Poll::Pending => Ahead::Streaming(None),
         Poll::Ready(None) => Ahead::Whole(Bytes::new()),
-        Poll::Ready(Some(Err(e))) => Ahead::First(Err(e.into())),
+        Poll::Ready(Some(Err(e))) => Ahead::Streaming(Some(Err(e.into()))),
         Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
             // All the bytes, and the end (no trailers to follow).
             Ok(data) if data.len() as u64 == length && incoming.is_end_stream() => {
                 Ahead::Whole(data)
             }
-            Ok(data) => Ahead::First(Ok(Frame::data(data))),
-            Err(frame) => Ahead::First(Ok(frame)),
+            Ok(data) => Ahead::Streaming(Some(Ok(Frame::data(data)))),
+            Err(frame) => Ahead::Streaming(Some(Ok(frame))),
         },
     }
 }
