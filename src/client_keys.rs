@@ -317,19 +317,27 @@ impl KeyStore {
         }
     }
 
-    /// Re-verifies a remembered credential off the request path (one at a
-    /// time per credential: the cache's initialisation is shared); a busy
-    /// verifier just leaves it for a later request.
+    /// Re-verifies a remembered credential off the request path, on the
+    /// verifier's low-priority worker and one at a time per credential (a
+    /// request that finds one under way starts none); a busy verifier just
+    /// leaves it for a later request.
     fn reverify_in_background(&self, digest: [u8; 32], key: &Arc<ApiKey>, secret: &str) {
+        let Some(recheck) = self.verifier.recheck(digest) else {
+            return;
+        };
         let Ok(admission) = self.verifier.admit(&key.client_id) else {
             return;
         };
         let (verified, verifier) = (self.verified.clone(), Arc::clone(&self.verifier));
         let (candidate, secret) = (Arc::clone(key), secret.to_owned());
         tokio::spawn(async move {
+            let _recheck = recheck;
             let result = verified
                 .try_get_with(digest, async {
-                    if verifier.verify(admission, &secret, &candidate).await? {
+                    if verifier
+                        .verify_in_background(admission, &secret, &candidate)
+                        .await?
+                    {
                         Ok(Arc::clone(&candidate))
                     } else {
                         Err(AuthError::WrongSecret)

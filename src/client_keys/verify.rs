@@ -7,6 +7,11 @@
 //!   coming (and frees after two idle seconds), so memory is bounded by the
 //!   number of workers; at most `QUEUE` wait; beyond, `Busy` (429) without
 //!   hashing;
+//! - re-verifications nobody waits for (a remembered credential whose
+//!   verification is older than `verify_cache_ttl`) run on one more thread of
+//!   the lowest priority (nice 19), one at a time per credential: on a busy
+//!   core they take what serving leaves instead of half the core, and they
+//!   never hold up a verification a request waits for;
 //! - wrong secrets are budgeted per source address and per client_id (token
 //!   buckets); a source or client over its budget gets `Throttled` (429) without
 //!   hashing until a token is back.
@@ -15,8 +20,7 @@
 //! flood of wrong secrets costs it nothing but the flood's share of the CPU that
 //! the bounds allow.
 
-use std::collections::HashMap;
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -28,6 +32,12 @@ use super::{ApiKey, AuthError};
 
 /// Verifications that may wait for a worker.
 const QUEUE: usize = 16;
+/// Background re-verifications that may wait (more are left for a later
+/// request to start again).
+const BACKGROUND_QUEUE: usize = 16;
+/// The background worker's nice value: the lowest priority an unprivileged
+/// thread can take, and never give back.
+const BACKGROUND_NICE: i32 = 19;
 /// A worker idle this long gives its argon2 buffer back (19 MiB with the
 /// default parameters): a flood keeps it, a quiet proxy does not hold it.
 const KEEP_MEMORY: Duration = Duration::from_secs(2);
@@ -119,6 +129,27 @@ struct Queue {
     ready: Condvar,
 }
 
+impl Queue {
+    /// Queues `job` unless `limit` jobs already wait.
+    fn push(&self, job: Job, limit: usize) -> Result<(), AuthError> {
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if jobs.0.len() >= limit {
+                return Err(AuthError::Busy);
+            }
+            jobs.0.push_back(job);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Ends the workers once the queued jobs are done.
+    fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+}
+
 /// A credential verified against a hash, and when.
 #[derive(Clone)]
 struct Remembered {
@@ -130,6 +161,10 @@ struct Remembered {
 pub struct Verifier {
     runs: Arc<AtomicU64>,
     queue: Arc<Queue>,
+    /// Re-verifications nobody waits for, on the low-priority worker.
+    background: Arc<Queue>,
+    /// Credentials (digests) with a re-verification under way.
+    rechecking: Arc<Mutex<HashSet<[u8; 32]>>>,
     /// Verifications that outlive a generation's cache (and reloads).
     remembered: moka::sync::Cache<[u8; 32], Remembered>,
     sources: Buckets<IpAddr>,
@@ -144,22 +179,37 @@ impl Default for Verifier {
 }
 
 impl Verifier {
-    /// Starts `workers` verification threads; they end when the verifier does.
+    /// Starts `workers` verification threads and the background one; they end
+    /// when the verifier does.
     pub fn with_workers(workers: usize) -> Self {
         let queue = Arc::new(Queue::default());
+        let background = Arc::new(Queue::default());
         let runs = Arc::new(AtomicU64::new(0));
-        for n in 0..workers {
-            let (queue, runs) = (Arc::clone(&queue), Arc::clone(&runs));
-            let spawned = std::thread::Builder::new()
-                .name(format!("keygate-argon2-{n}"))
-                .spawn(move || work(&queue, &runs));
+        let spawn = |name: String, queue: &Arc<Queue>, nice: Option<i32>| {
+            let (queue, runs) = (Arc::clone(queue), Arc::clone(&runs));
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                if let Some(nice) = nice {
+                    lower_priority(nice);
+                }
+                work(&queue, &runs)
+            });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a verification thread");
             }
+        };
+        for n in 0..workers {
+            spawn(format!("keygate-argon2-{n}"), &queue, None);
         }
+        spawn(
+            BACKGROUND_THREAD.to_owned(),
+            &background,
+            Some(BACKGROUND_NICE),
+        );
         Verifier {
             runs,
             queue,
+            background,
+            rechecking: Arc::default(),
             remembered: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_idle(Duration::from_secs(24 * 3600))
@@ -223,6 +273,27 @@ impl Verifier {
     /// Runs one verification on a worker; `Busy` when the queue is full.
     pub async fn verify(
         &self,
+        admitted: Admission,
+        secret: &str,
+        key: &ApiKey,
+    ) -> Result<bool, AuthError> {
+        Self::run_on(&self.queue, QUEUE, admitted, secret, key).await
+    }
+
+    /// Runs one verification nobody waits for on the low-priority worker;
+    /// `Busy` when its queue is full.
+    pub async fn verify_in_background(
+        &self,
+        admitted: Admission,
+        secret: &str,
+        key: &ApiKey,
+    ) -> Result<bool, AuthError> {
+        Self::run_on(&self.background, BACKGROUND_QUEUE, admitted, secret, key).await
+    }
+
+    async fn run_on(
+        queue: &Queue,
+        limit: usize,
         _admitted: Admission,
         secret: &str,
         key: &ApiKey,
@@ -233,22 +304,52 @@ impl Verifier {
             phc: key.secret_hash.clone(),
             done,
         };
-        {
-            let mut jobs = self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            if jobs.0.len() >= QUEUE {
-                return Err(AuthError::Busy);
-            }
-            jobs.0.push_back(job);
-        }
-        self.queue.ready.notify_one();
+        queue.push(job, limit)?;
         answer.await.map_err(|_| AuthError::Busy)
+    }
+
+    /// Claims the re-verification of `digest`: `None` while one is under way
+    /// (whichever generation started it), else a claim held until dropped.
+    pub fn recheck(&self, digest: [u8; 32]) -> Option<Recheck> {
+        let mut rechecking = self.rechecking.lock().unwrap_or_else(|p| p.into_inner());
+        rechecking.insert(digest).then(|| Recheck {
+            digest,
+            rechecking: Arc::clone(&self.rechecking),
+        })
+    }
+}
+
+/// A re-verification under way; another for the same credential waits until
+/// this is dropped.
+pub struct Recheck {
+    digest: [u8; 32],
+    rechecking: Arc<Mutex<HashSet<[u8; 32]>>>,
+}
+
+impl Drop for Recheck {
+    fn drop(&mut self) {
+        self.rechecking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.digest);
     }
 }
 
 impl Drop for Verifier {
     fn drop(&mut self) {
-        self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
-        self.queue.ready.notify_all();
+        self.queue.close();
+        self.background.close();
+    }
+}
+
+/// The background worker's name (at most 15 bytes: the kernel keeps no more).
+const BACKGROUND_THREAD: &str = "keygate-recheck";
+
+/// Lowers the calling thread's priority (on Linux the nice value belongs to
+/// the thread). Failing only costs the benefit: noted, not fatal.
+fn lower_priority(nice: i32) {
+    if let Err(e) = rustix::process::setpriority_process(None, nice) {
+        tracing::debug!(error = %e, "cannot lower the background verifier's priority");
     }
 }
 
@@ -355,6 +456,102 @@ mod tests {
         );
         assert!(b.check(&2, t0).is_ok(), "per key");
         assert!(b.check(&1, t0 + Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn a_recheck_is_claimed_once_until_it_is_dropped() {
+        let verifier = Verifier::with_workers(1);
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let first = verifier.recheck(a).expect("nothing under way");
+        assert!(verifier.recheck(a).is_none(), "one at a time");
+        let other = verifier.recheck(b).expect("per credential");
+        drop(first);
+        assert!(verifier.recheck(a).is_some(), "free again once dropped");
+        drop(other);
+    }
+
+    /// The nice value of each thread named `name` in this process.
+    fn nice_values(name: &str) -> Vec<i64> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the name's closing parenthesis start at the third
+            // (state); the nice value is the nineteenth.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            if let Some(nice) = rest.split_whitespace().nth(16) {
+                found.push(nice.parse().unwrap());
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn background_verifications_run_at_the_lowest_priority_and_the_others_do_not() {
+        let verifier = Verifier::with_workers(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The thread lowers its own priority as it starts.
+        while !nice_values(BACKGROUND_THREAD).contains(&i64::from(BACKGROUND_NICE)) {
+            assert!(
+                Instant::now() < deadline,
+                "no background verifier at nice 19"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Foreground workers keep the process's priority (their names are cut
+        // to 15 bytes by the kernel, like every thread's).
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let own: i64 = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut foreground = nice_values("keygate-argon2-");
+        while foreground.is_empty() {
+            assert!(Instant::now() < deadline, "no foreground verifier");
+            std::thread::sleep(Duration::from_millis(5));
+            foreground = nice_values("keygate-argon2-");
+        }
+        assert!(
+            foreground.iter().all(|n| *n == own),
+            "{foreground:?}, process {own}"
+        );
+        drop(verifier);
+    }
+
+    #[tokio::test]
+    async fn a_background_verification_gives_the_same_answers() {
+        let verifier = Verifier::with_workers(1);
+        let phc = super::super::hash_secret("Right-Secret-1").unwrap();
+        let k = ApiKey {
+            id: "1".into(),
+            client_id: "scanner_abc".into(),
+            name: "scanner".into(),
+            secret_hash: phc,
+            roles: vec!["r".into()],
+            expiration: None,
+            is_valid: true,
+        };
+        let right = verifier.admit(&k.client_id).unwrap();
+        assert!(verifier
+            .verify_in_background(right, "Right-Secret-1", &k)
+            .await
+            .unwrap());
+        let wrong = verifier.admit(&k.client_id).unwrap();
+        assert!(!verifier
+            .verify_in_background(wrong, "Right-Secret-2", &k)
+            .await
+            .unwrap());
+        assert_eq!(verifier.runs(), 2);
     }
 
     #[test]
