@@ -148,6 +148,51 @@ async fn argon2_runs_once_for_many_concurrent_requests_with_one_key() {
     assert_eq!(store.argon2_runs(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_requests_after_an_idle_spell_start_one_background_verification() {
+    let id = new_client_id("idle");
+    let secret = new_secret(&id);
+    let verifier: Arc<Verifier> = Arc::default();
+    let store = Arc::new(KeyStore::new(
+        vec![key(&id, &secret)],
+        Duration::from_millis(1),
+        Arc::clone(&verifier),
+    ));
+    let header = basic(&id, &secret);
+    store
+        .authenticate(Some(&header), LOCAL, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(verifier.runs(), 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Past the ttl, 200 requests race: all are served from memory at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (store, header) = (Arc::clone(&store), header.clone());
+        tasks.spawn(async move {
+            store
+                .authenticate(Some(&header), LOCAL, SystemTime::now())
+                .await
+                .is_ok()
+        });
+    }
+    while let Some(ok) = tasks.join_next().await {
+        assert!(ok.unwrap());
+    }
+    // Behind them one re-verification ran; once it is over its claim is free
+    // and no request started a second.
+    let digest = cache_key(b'b', &id, &secret);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while verifier.runs() < 2 || verifier.recheck(digest).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background re-verification"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(verifier.runs(), 2);
+}
+
 #[test]
 fn generated_secrets_and_client_ids_have_the_documented_shape() {
     let id = new_client_id("scanner");
