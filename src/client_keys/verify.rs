@@ -4,9 +4,9 @@
 //! request cost a full argon2id run. So:
 //! - verifications run on a fixed set of worker threads (half the cores, at least
 //!   one), each with one argon2 memory buffer it reuses while verifications keep
-//!   coming (and frees after two idle seconds), so memory is bounded by the
-//!   number of workers; at most `QUEUE` wait; beyond, `Busy` (429) without
-//!   hashing;
+//!   coming (and gives back to the system after two idle seconds), so memory is
+//!   bounded by the number of workers; at most `QUEUE` wait; beyond, `Busy`
+//!   (429) without hashing;
 //! - re-verifications nobody waits for (a remembered credential whose
 //!   verification is older than `verify_cache_ttl`) run on one more thread of
 //!   the lowest priority (nice 19), one at a time per credential: on a busy
@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use allocator_api2::alloc::System;
 use tokio::sync::oneshot;
 
 use super::{ApiKey, AuthError};
@@ -356,7 +357,7 @@ fn lower_priority(nice: i32) {
 /// A worker: one memory buffer, reused while verifications keep coming and
 /// released after `KEEP_MEMORY` without one.
 fn work(queue: &Queue, runs: &AtomicU64) {
-    let mut memory: Vec<argon2::Block> = Vec::new();
+    let mut memory = Memory::default();
     loop {
         let job = {
             let mut jobs = queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -377,7 +378,7 @@ fn work(queue: &Queue, runs: &AtomicU64) {
                     .unwrap_or_else(|p| p.into_inner());
                 jobs = guard;
                 if waited.timed_out() && jobs.0.is_empty() {
-                    memory = Vec::new();
+                    memory = Memory::default();
                 }
             }
         };
@@ -391,9 +392,66 @@ fn work(queue: &Queue, runs: &AtomicU64) {
 /// The most memory one verification may use (a keys file could name more).
 pub(crate) const MAX_MEMORY_KIB: u32 = 256 * 1024;
 
+/// argon2's working memory (19 MiB with the default parameters), taken from
+/// the system allocator rather than the process's: mimalloc keeps freed memory
+/// for reuse and gives it back only while it keeps allocating, so a quiet proxy
+/// would hold a released buffer for good. The C library maps a block this
+/// large on its own and unmaps it when it is freed, as long as the block is
+/// above the largest size its adaptive mapping threshold can reach (32 MiB in
+/// glibc; musl always maps large blocks): so the capacity asked for is at least
+/// that. Only the blocks a verification uses are ever touched; the rest of the
+/// mapping costs address space, not memory.
+pub(crate) struct Memory {
+    buffer: Option<allocator_api2::vec::Vec<argon2::Block, System>>,
+    /// Capacity asked for at least, in blocks.
+    floor: usize,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            buffer: None,
+            floor: OWN_MAPPING_BLOCKS,
+        }
+    }
+}
+
+/// Blocks (1 KiB each) asked for at least: above glibc's largest adaptive
+/// mapping threshold (`DEFAULT_MMAP_THRESHOLD_MAX`, 32 MiB on 64-bit systems).
+const OWN_MAPPING_BLOCKS: usize = 32 * 1024 + 4;
+
+impl Memory {
+    /// `n` blocks, reusing the buffer when it is large enough.
+    fn blocks(&mut self, n: usize) -> &mut [argon2::Block] {
+        if self.buffer.as_ref().is_none_or(|b| b.capacity() < n) {
+            // The old buffer (if any) goes first: never two at once.
+            self.buffer = None;
+            self.buffer = Some(allocator_api2::vec::Vec::with_capacity_in(
+                n.max(self.floor),
+                System,
+            ));
+        }
+        let buffer = self
+            .buffer
+            .get_or_insert_with(|| allocator_api2::vec::Vec::new_in(System));
+        buffer.resize(n, argon2::Block::default());
+        &mut buffer[..]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buffer.is_none()
+    }
+
+    /// Where the buffer starts, if there is one (for tests).
+    #[cfg(test)]
+    fn address(&self) -> Option<usize> {
+        self.buffer.as_ref().map(|b| b.as_ptr() as usize)
+    }
+}
+
 /// Checks `secret` against an argon2 PHC string in the caller's memory buffer;
 /// the comparison takes the same time wherever the first difference is.
-pub(crate) fn verify_with(secret: &str, phc: &str, memory: &mut Vec<argon2::Block>) -> bool {
+pub(crate) fn verify_with(secret: &str, phc: &str, memory: &mut Memory) -> bool {
     use argon2::password_hash::PasswordHash;
     let Ok(hash) = PasswordHash::new(phc) else {
         return false;
@@ -423,10 +481,10 @@ pub(crate) fn verify_with(secret: &str, phc: &str, memory: &mut Vec<argon2::Bloc
     let Some(out) = out.get_mut(..expected.len()) else {
         return false;
     };
-    memory.resize(params.block_count(), argon2::Block::default());
+    let blocks = memory.blocks(params.block_count());
     let hasher = argon2::Argon2::new(algorithm, version, params);
     if hasher
-        .hash_password_into_with_memory(secret.as_bytes(), salt, out, &mut memory[..])
+        .hash_password_into_with_memory(secret.as_bytes(), salt, out, blocks)
         .is_err()
     {
         return false;
@@ -557,7 +615,7 @@ mod tests {
     #[test]
     fn verification_in_a_reused_buffer_agrees_with_argon2() {
         let phc = super::super::hash_secret("Right-Secret-1").unwrap();
-        let mut memory = Vec::new();
+        let mut memory = Memory::default();
         assert!(verify_with("Right-Secret-1", &phc, &mut memory));
         assert!(!verify_with("Right-Secret-2", &phc, &mut memory));
         assert!(!verify_with("", &phc, &mut memory));
@@ -571,6 +629,74 @@ mod tests {
             !verify_with("Right-Secret-1", &greedy, &mut memory),
             "memory is capped"
         );
+    }
+
+    /// The mapping of `/proc/self/smaps` that holds `address`: its range and
+    /// resident KiB.
+    fn mapping_of(address: usize) -> Option<(usize, usize, u64)> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut found: Option<(usize, usize, u64)> = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        if found.is_some() {
+                            break;
+                        }
+                        if (start..end).contains(&address) {
+                            found = Some((start, end, 0));
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let (Some(m), Some(kib)) = (found.as_mut(), line.strip_prefix("Rss:")) {
+                m.2 = kib.trim().trim_end_matches(" kB").parse().unwrap();
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn released_argon2_memory_goes_back_to_the_system() {
+        // A floor of an odd size, so that no other test's buffer can take the
+        // same mapping; a use far smaller than the floor, twice, as after a
+        // release the C library may have raised its mapping threshold.
+        let floor = OWN_MAPPING_BLOCKS + 7;
+        let mut memory = Memory {
+            buffer: None,
+            floor,
+        };
+        for round in 0..2 {
+            let used = 1024;
+            assert_eq!(memory.blocks(used).len(), used);
+            let address = memory.address().unwrap();
+            let (start, end, resident) = mapping_of(address).expect("the buffer is mapped");
+            assert!(
+                (floor * 1024..floor * 1024 + 3 * 4096).contains(&(end - start)),
+                "round {round}: a mapping of its own, not {} KiB",
+                (end - start) / 1024
+            );
+            assert!(resident >= used as u64, "touched: {resident} KiB resident");
+            assert!(
+                resident < floor as u64 / 2,
+                "only what is used is touched: {resident} KiB"
+            );
+            assert_eq!(memory.blocks(19).len(), 19, "a smaller use keeps it");
+            assert_eq!(memory.address(), Some(address));
+            memory = Memory {
+                buffer: None,
+                floor,
+            };
+            let after = mapping_of(address);
+            assert!(
+                after.is_none_or(|(s, e, _)| (s, e) != (start, end)),
+                "round {round}: still mapped after release: {after:?}"
+            );
+        }
     }
 
     #[test]
