@@ -250,6 +250,7 @@ fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run(&config.config),
         Command::Dev => {
+            crate::trim::start();
             with_runtime(|| async { crate::dev::run().await.map_err(|e| e.to_string()) })
         }
         Command::Check {
@@ -454,6 +455,7 @@ fn run(path: &Path) -> ExitCode {
         eprintln!("{errors}");
         return ExitCode::from(1);
     }
+    crate::trim::start();
     with_runtime(|| async move {
         let app = crate::app::App::bind(config)
             .await

@@ -11,7 +11,7 @@
 //! | 2. wiring | `app` | `App`, `Control`, generations, reload |
 //! | 3. serving | `proxy`, `ops`, `server`, `error` | the request pipeline, the ops listener, accept loops, errors as responses |
 //! | 4. domain | `route`, `client_keys`, `admin_key`, `audit`, `confluence`, `config`, `state` | what keygate decides and keeps |
-//! | 5. leaves | `readiness`, `metrics`, `headers`, `body`, `rfc3339`, `json`, `tls`, `log_sink`, `files` | small pieces with no knowledge of the rest |
+//! | 5. leaves | `readiness`, `metrics`, `headers`, `body`, `rfc3339`, `json`, `tls`, `log_sink`, `files`, `trim` | small pieces with no knowledge of the rest |
 //!
 //! `App::bind` takes a validated `Config`, binds the listeners and returns their
 //! addresses; `App::run` serves until a shutdown future completes. Tests and
@@ -41,5 +41,6 @@ pub mod route;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod trim;
 
 pub use app::{termination_signal, App, Control, StartError};

@@ -437,6 +437,101 @@ async fn http2_frame_abuse_forwards_nothing_and_keygate_stays_responsive_and_bou
     );
 }
 
+/// A process's anonymous memory in KiB (`/proc/PID/smaps_rollup`).
+fn anonymous_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `anonymous_kib` until `done` holds (bounded); the last reading.
+async fn anonymous_until(pid: u32, limit: Duration, done: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let kib = anonymous_kib(pid);
+        if done(kib) || Instant::now() > deadline {
+            return kib;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_burst_or_a_verification_used_goes_back_to_the_system_once_quiet() {
+    // On one core keygate runs its single-threaded scheduler, whose memory all
+    // goes back; with several worker threads, part of it stays with the workers'
+    // heaps (README, Performance).
+    let tmp = support::temp_dir("trim");
+    let standin = keygate::dev::confluence_standin::Standin::start(
+        support::ADMIN_EMAIL,
+        support::ADMIN_TOKEN,
+    )
+    .await
+    .unwrap();
+    let (config, _scanner, reader) = Setup::default().write(tmp.path(), &standin.base_url());
+    let process = tokio::task::spawn_blocking(move || {
+        support::process::Process::spawn_on(Some(0), &config, std::process::Stdio::null(), &[])
+    })
+    .await
+    .unwrap();
+    // The child of `taskset`, which execs keygate: the same process.
+    let pid = process.child.id();
+    let auth = reader.basic();
+    let url = process.url(PAGE);
+    // A verification: its argon2 buffer (19 MiB) is released 2 s later.
+    assert_eq!(get(&url, &[("Authorization", &auth)]).await.status, 200);
+    let verified = anonymous_kib(pid);
+    let quiet = anonymous_until(pid, Duration::from_secs(15), |kib| {
+        kib + 15 * 1024 < verified
+    })
+    .await;
+    assert!(
+        quiet + 15 * 1024 < verified,
+        "the argon2 buffer is still resident: {verified} KiB after the verification, {quiet} KiB later"
+    );
+    // A burst: 256 keep-alive connections at once, 20 requests each.
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..256 {
+        let (url, auth) = (url.clone(), auth.clone());
+        burst.spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build_http::<http_body_util::Full<Bytes>>();
+            for _ in 0..20 {
+                let request = http::Request::get(url.as_str())
+                    .header("Authorization", auth.as_str())
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap();
+                let response = client.request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                response.into_body().collect().await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = burst.join_next().await {
+        done.unwrap();
+    }
+    let after_burst = anonymous_kib(pid);
+    assert!(
+        after_burst > quiet + 4 * 1024,
+        "the burst should have needed memory: {quiet} KiB before, {after_burst} KiB after"
+    );
+    // All its connections are closed; what they emptied goes back (part of
+    // their memory stays with the allocator's per-thread pages, which only
+    // that thread's own allocations collect).
+    let settled = anonymous_until(pid, Duration::from_secs(15), |kib| {
+        kib + 2 * 1024 < after_burst
+    })
+    .await;
+    assert!(
+        settled + 2 * 1024 < after_burst,
+        "memory stays resident after the burst: {quiet} KiB before, {after_burst} KiB after it, {settled} KiB when quiet"
+    );
+    eprintln!("anonymous KiB: verified {verified}, quiet {quiet}, after the burst {after_burst}, settled {settled}");
+}
+
 #[tokio::test]
 async fn h2c_well_behaved_requests_still_work() {
     let h = Harness::start().await;

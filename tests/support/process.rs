@@ -17,7 +17,19 @@ pub struct Output {
 /// A command with a clean environment (no `KEYGATE_CONFIG`, no `RUST_LOG`, and
 /// none of the secrets unless given in `env`).
 fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    command_on(None, args, env)
+}
+
+/// `command`, run on one CPU (`taskset -c CPU`) if `cpu` is given.
+fn command_on(cpu: Option<usize>, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_keygate")]);
+            taskset
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_keygate")),
+    };
     cmd.args(args)
         .env_remove("KEYGATE_CONFIG")
         .env_remove("RUST_LOG")
@@ -70,8 +82,20 @@ impl Process {
     /// Starts `keygate --log-format json run --config CONFIG`, with standard
     /// output going to `stdout`; returns once it listens (bounded).
     pub fn spawn(config: &Path, stdout: Stdio, env: &[(&str, &str)]) -> Process {
+        Process::spawn_on(None, config, stdout, env)
+    }
+
+    /// `spawn`, on one CPU if `cpu` is given (keygate then runs its
+    /// single-threaded scheduler, as on a one-core machine).
+    pub fn spawn_on(
+        cpu: Option<usize>,
+        config: &Path,
+        stdout: Stdio,
+        env: &[(&str, &str)],
+    ) -> Process {
         let log = config.with_file_name("keygate.log");
-        let mut child = command(
+        let mut child = command_on(
+            cpu,
             &[
                 "--log-format",
                 "json",
