@@ -54,7 +54,7 @@ impl LogSink {
             .get_or_init(|| {
                 let inner = Arc::new(Inner {
                     buffer: Mutex::new(Buffer {
-                        bytes: Vec::with_capacity(64 * 1024),
+                        bytes: Vec::with_capacity(INITIAL),
                         appended: 0,
                         written: 0,
                     }),
@@ -121,8 +121,20 @@ impl LogSink {
     }
 }
 
+/// Either buffer's size to start with and to return to once quiet: a busy
+/// proxy's buffers grow to what 50 ms of lines take (about a megabyte at 50,000
+/// requests a second) and stay that large while it stays busy.
+const INITIAL: usize = 64 * 1024;
+
+/// Gives a buffer grown past `INITIAL` back, keeping an empty one.
+fn shrink(buffer: &mut Vec<u8>) {
+    if buffer.is_empty() && buffer.capacity() > INITIAL {
+        *buffer = Vec::with_capacity(INITIAL);
+    }
+}
+
 fn run(inner: &Inner) {
-    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(INITIAL);
     loop {
         let lines = {
             let mut buffer = inner.buffer.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,6 +146,9 @@ fn run(inner: &Inner) {
                 if !buffer.bytes.is_empty() {
                     break;
                 }
+                // Quiet: what a burst grew both buffers to goes back.
+                shrink(&mut buffer.bytes);
+                shrink(&mut out);
             }
             std::mem::swap(&mut buffer.bytes, &mut out);
             buffer.appended
@@ -355,6 +370,27 @@ fn text_value(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_empty_buffer_grown_past_its_start_is_given_back() {
+        for (len, capacity, kept) in [
+            (0, 1 << 20, false),
+            (1, 1 << 20, true),
+            (0, INITIAL, true),
+            (0, 0, true),
+        ] {
+            let mut buffer = Vec::with_capacity(capacity);
+            buffer.resize(len, b'x');
+            let before = buffer.capacity();
+            shrink(&mut buffer);
+            assert_eq!(buffer.len(), len);
+            if kept {
+                assert_eq!(buffer.capacity(), before, "{len}/{capacity}");
+            } else {
+                assert!(buffer.capacity() >= INITIAL && buffer.capacity() < before);
+            }
+        }
+    }
 
     #[test]
     fn json_lines_have_tracing_shape_and_escape_client_strings() {
