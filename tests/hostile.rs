@@ -15,6 +15,7 @@ use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::check::assert_never_forwarded;
 use support::client::{get, get_h2c, h2raw};
+use support::process::anonymous_kib;
 use support::{DemoKeyExt as _, Harness, Setup};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -437,24 +438,19 @@ async fn http2_frame_abuse_forwards_nothing_and_keygate_stays_responsive_and_bou
     );
 }
 
-/// A process's anonymous memory in KiB (`/proc/PID/smaps_rollup`).
-fn anonymous_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Polls `anonymous_kib` until `done` holds (bounded); the last reading.
-async fn anonymous_until(pid: u32, limit: Duration, done: impl Fn(u64) -> bool) -> u64 {
-    let deadline = Instant::now() + limit;
+/// Polls `anonymous_kib` until it falls by more than `by` KiB below `from`
+/// (at most 15 s); the reading that did, or fails saying `what` stayed.
+async fn anonymous_falls(pid: u32, from: u64, by: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let kib = anonymous_kib(pid);
-        if done(kib) || Instant::now() > deadline {
+        if kib + by < from {
             return kib;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{what} stays resident: {from} KiB, {kib} KiB 15 s later"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -484,14 +480,7 @@ async fn memory_a_burst_or_a_verification_used_goes_back_to_the_system_once_quie
     // A verification: its argon2 buffer (19 MiB) is released 2 s later.
     assert_eq!(get(&url, &[("Authorization", &auth)]).await.status, 200);
     let verified = anonymous_kib(pid);
-    let quiet = anonymous_until(pid, Duration::from_secs(15), |kib| {
-        kib + 15 * 1024 < verified
-    })
-    .await;
-    assert!(
-        quiet + 15 * 1024 < verified,
-        "the argon2 buffer is still resident: {verified} KiB after the verification, {quiet} KiB later"
-    );
+    let quiet = anonymous_falls(pid, verified, 15 * 1024, "the argon2 buffer").await;
     // A burst: 256 keep-alive connections at once, 20 requests each.
     let mut burst = tokio::task::JoinSet::new();
     for _ in 0..256 {
@@ -521,14 +510,7 @@ async fn memory_a_burst_or_a_verification_used_goes_back_to_the_system_once_quie
     // All its connections are closed; what they emptied goes back (part of
     // their memory stays with the allocator's per-thread pages, which only
     // that thread's own allocations collect).
-    let settled = anonymous_until(pid, Duration::from_secs(15), |kib| {
-        kib + 2 * 1024 < after_burst
-    })
-    .await;
-    assert!(
-        settled + 2 * 1024 < after_burst,
-        "memory stays resident after the burst: {quiet} KiB before, {after_burst} KiB after it, {settled} KiB when quiet"
-    );
+    let settled = anonymous_falls(pid, after_burst, 2 * 1024, "what the burst emptied").await;
     eprintln!("anonymous KiB: verified {verified}, quiet {quiet}, after the burst {after_burst}, settled {settled}");
 }
 

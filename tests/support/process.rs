@@ -210,10 +210,20 @@ impl Drop for Process {
 
 /// A process's resident set size in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    proc_kib(pid, "status", "VmRSS:")
+}
+
+/// A process's anonymous memory in KiB (`smaps_rollup`).
+pub fn anonymous_kib(pid: u32) -> u64 {
+    proc_kib(pid, "smaps_rollup", "Anonymous:")
+}
+
+/// A `FIELD: N kB` line of `/proc/PID/FILE`, in KiB (0 when absent).
+fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
