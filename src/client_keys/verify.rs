@@ -401,20 +401,8 @@ pub(crate) const MAX_MEMORY_KIB: u32 = 256 * 1024;
 /// glibc; musl always maps large blocks): so the capacity asked for is at least
 /// that. Only the blocks a verification uses are ever touched; the rest of the
 /// mapping costs address space, not memory.
-pub(crate) struct Memory {
-    buffer: Option<allocator_api2::vec::Vec<argon2::Block, System>>,
-    /// Capacity asked for at least, in blocks.
-    floor: usize,
-}
-
-impl Default for Memory {
-    fn default() -> Self {
-        Memory {
-            buffer: None,
-            floor: OWN_MAPPING_BLOCKS,
-        }
-    }
-}
+#[derive(Default)]
+pub(crate) struct Memory(Option<allocator_api2::vec::Vec<argon2::Block, System>>);
 
 /// Blocks (1 KiB each) asked for at least: above glibc's largest adaptive
 /// mapping threshold (`DEFAULT_MMAP_THRESHOLD_MAX`, 32 MiB on 64-bit systems).
@@ -423,29 +411,25 @@ const OWN_MAPPING_BLOCKS: usize = 32 * 1024 + 4;
 impl Memory {
     /// `n` blocks, reusing the buffer when it is large enough.
     fn blocks(&mut self, n: usize) -> &mut [argon2::Block] {
-        if self.buffer.as_ref().is_none_or(|b| b.capacity() < n) {
+        if self.0.as_ref().is_none_or(|b| b.capacity() < n) {
             // The old buffer (if any) goes first: never two at once.
-            self.buffer = None;
-            self.buffer = Some(allocator_api2::vec::Vec::with_capacity_in(
-                n.max(self.floor),
-                System,
-            ));
+            self.0 = None;
         }
-        let buffer = self
-            .buffer
-            .get_or_insert_with(|| allocator_api2::vec::Vec::new_in(System));
+        let buffer = self.0.get_or_insert_with(|| {
+            allocator_api2::vec::Vec::with_capacity_in(n.max(OWN_MAPPING_BLOCKS), System)
+        });
         buffer.resize(n, argon2::Block::default());
         &mut buffer[..]
     }
 
     fn is_empty(&self) -> bool {
-        self.buffer.is_none()
+        self.0.is_none()
     }
 
     /// Where the buffer starts, if there is one (for tests).
     #[cfg(test)]
     fn address(&self) -> Option<usize> {
-        self.buffer.as_ref().map(|b| b.as_ptr() as usize)
+        self.0.as_ref().map(|b| b.as_ptr() as usize)
     }
 }
 
@@ -639,14 +623,14 @@ mod tests {
         let mut memory = Memory::default();
         assert!(memory.is_empty());
         assert_eq!(memory.blocks(1024).len(), 1024);
-        let buffer = memory.buffer.as_ref().unwrap();
+        let buffer = memory.0.as_ref().unwrap();
         assert!(buffer.capacity() * 1024 > 32 << 20, "above 32 MiB");
         let address = memory.address();
         assert_eq!(memory.blocks(19).len(), 19, "a smaller use keeps it");
         assert_eq!(memory.address(), address);
         let more = OWN_MAPPING_BLOCKS + 1;
         assert_eq!(memory.blocks(more).len(), more, "a larger use grows it");
-        assert!(memory.buffer.as_ref().unwrap().capacity() >= more);
+        assert!(memory.0.as_ref().unwrap().capacity() >= more);
     }
 
     #[test]

@@ -381,7 +381,6 @@ async fn reap(pool: Weak<Inner>) {
             let n = expired_count(
                 idle.iter()
                     .map(|e| (now.saturating_duration_since(e.since), e.sender.is_closed())),
-                idle.len(),
                 timeout,
             );
             idle.drain(..n).collect()
@@ -396,11 +395,10 @@ async fn reap(pool: Weak<Inner>) {
 /// the `WARM_IDLE` most recent, less than `SPARE_IDLE`. Ages fall and limits
 /// rise towards the newest, so the ones to close are a prefix.
 fn expired_count(
-    oldest_first: impl Iterator<Item = (Duration, bool)>,
-    len: usize,
+    oldest_first: impl ExactSizeIterator<Item = (Duration, bool)>,
     timeout: Duration,
 ) -> usize {
-    let spare = len.saturating_sub(WARM_IDLE);
+    let spare = oldest_first.len().saturating_sub(WARM_IDLE);
     let mut n = 0;
     for (i, (age, closed)) in oldest_first.enumerate() {
         let limit = if i < spare {
@@ -517,9 +515,8 @@ mod tests {
             (open(&[3; 20]), s(2), 20),
         ];
         for (ages, timeout, expected) in cases {
-            let len = ages.len();
             assert_eq!(
-                expired_count(ages.clone().into_iter(), len, timeout),
+                expired_count(ages.clone().into_iter(), timeout),
                 expected,
                 "{ages:?} timeout {timeout:?}"
             );
